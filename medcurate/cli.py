@@ -1,0 +1,133 @@
+"""The ``medcurate`` command line: every command is generated from its pydantic config, so the
+CLI, the HTTP API and cluster jobs accept exactly the same parameters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from collections.abc import Callable
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from medcurate.config import IngestConfig
+from medcurate.errors import MedcurateError
+from medcurate.workspace import Workspace
+
+app = typer.Typer(
+    help="Curate medical image archives: ingest, embed, find confounders, select, score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+collections_app = typer.Typer(help="Inspect the collections in the workspace.",
+                              no_args_is_help=True)
+app.add_typer(collections_app, name="collections")
+
+WorkspaceOption = typing.Annotated[
+    typing.Optional[str],
+    typer.Option("--workspace", envvar="MEDCURATE_WORKSPACE",
+                 help="Workspace root: local path or object-store URI "
+                      "[default: ./medcurate-workspace]"),
+]
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def validation_message(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = "--" + "-".join(str(p) for p in item["loc"]).replace("_", "-") if item["loc"] else ""
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def build_config(config_cls: type[BaseModel], values: dict) -> BaseModel:
+    try:
+        return config_cls(**values)
+    except ValidationError as exc:
+        fail(validation_message(exc))
+
+
+def _parameter(name: str, field) -> inspect.Parameter:
+    """A typer parameter for one pydantic field: its type, default, help and choices."""
+    if (field.json_schema_extra or {}).get("cli") == "argument":
+        info = typer.Argument(help=field.description, show_default=False)
+    else:
+        info = typer.Option(help=field.description)
+    default = inspect.Parameter.empty if field.is_required() else field.default
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=typing.Annotated[field.annotation, info])
+
+
+def config_command(typer_app: typer.Typer, name: str, config_cls: type[BaseModel],
+                   help: str) -> Callable:
+    """Register ``run(config, workspace) -> dict`` as a command taking the config's fields."""
+
+    def decorator(run: Callable[[BaseModel, Workspace], dict]) -> Callable:
+        def command(**kwargs):
+            workspace = Workspace(kwargs.pop("workspace"))
+            config = build_config(config_cls, kwargs)
+            try:
+                result = run(config, workspace)
+            except MedcurateError as exc:
+                fail(str(exc))
+            typer.echo(json.dumps(result, indent=2, default=str))
+
+        params = [inspect.Parameter("workspace", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=WorkspaceOption)]
+        params += [_parameter(field_name, field)
+                   for field_name, field in config_cls.model_fields.items()]
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = help
+        typer_app.command(name, help=help)(command)
+        return run
+
+    return decorator
+
+
+@config_command(app, "ingest", IngestConfig,
+                "Ingest an archive into a collection: manifest.parquet (ids, labels, splits, "
+                "image properties, metadata) and rejects.parquet (every unusable file and why).")
+def ingest_command(config: IngestConfig, workspace: Workspace) -> dict:
+    from medcurate.ingest import ingest
+
+    summary = ingest(config, workspace)
+    typer.echo(f"ingested {summary['ingested']} images into collection {config.name!r} "
+               f"({summary['rejected']} rejected, {summary['exact_duplicates']} exact duplicates)",
+               err=True)
+    return summary
+
+
+@collections_app.command("list")
+def collections_list(workspace: WorkspaceOption = None) -> None:
+    """List the complete collections with their image counts."""
+    ws = Workspace(workspace)
+    for name in ws.list("collections"):
+        summary = ws.provenance("collections", name).get("summary", {})
+        typer.echo(f"{name}\t{summary.get('ingested', '?')} images\t{summary.get('format', '')}")
+
+
+@collections_app.command("show")
+def collections_show(name: str, workspace: WorkspaceOption = None) -> None:
+    """Print a collection's provenance: source, parameters, counts, output hashes."""
+    ws = Workspace(workspace)
+    try:
+        ws.require("collections", name)
+    except MedcurateError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(ws.provenance("collections", name), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except MedcurateError as exc:  # raised outside a command body, e.g. a bad workspace
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,451 @@
+"""Readers: turn an archive into a listing of images to probe, before any pixel is read.
+
+A listing is a table with ``uri``, ``member``, ``relpath`` (the image's place inside the
+source, which makes ids stable across machines), ``label``, ``split`` and every metadata column
+the source has, plus the rejects found while listing (e.g. an image with no label).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from medcurate.config import IngestConfig
+from medcurate.errors import MedcurateError
+from medcurate.ingest.decode import DICOM_SUFFIXES, TAR_SUFFIXES
+from medcurate.provenance import InputRef, sha256_bytes
+from medcurate.workspace import resolve_filesystem
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm") + DICOM_SUFFIXES
+SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
+               "val": "val", "valid": "val", "validation": "val"}
+CORE_COLUMNS = ("id", "uri", "member", "relpath", "label", "split", "width", "height",
+                "channels", "bit_depth", "sha256", "duplicate_of")
+
+
+@dataclass
+class Listing:
+    format: str
+    items: pa.Table
+    rejects: list[dict] = field(default_factory=list)
+    inputs: list[InputRef] = field(default_factory=list)
+
+
+def split_name(text: str | None) -> str | None:
+    return SPLIT_NAMES.get(text.lower()) if text else None
+
+
+def _join_uri(root: str, relpath: str) -> str:
+    return f"{root.rstrip('/')}/{relpath}" if relpath else root
+
+
+class _Source:
+    """The source as pyarrow.fs sees it; URIs written to the manifest keep the user's scheme."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.path = resolve_filesystem(uri)
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            raise MedcurateError(f"source {uri} does not exist")
+        self.is_dir = info.type == pafs.FileType.Directory
+        # Local sources are written as absolute paths; remote ones keep their scheme.
+        self.base = self.path if isinstance(self.fs, pafs.LocalFileSystem) else uri.rstrip("/")
+
+    def files(self) -> list[str]:
+        """Relative paths of every non-hidden file below a folder source, sorted."""
+        if not self.is_dir:
+            return [""]
+        selector = pafs.FileSelector(self.path, recursive=True)
+        prefix = self.path.rstrip("/") + "/"
+        rels = []
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
+            if not any(part.startswith(".") for part in rel.split("/")):
+                rels.append(rel)
+        return sorted(rels)
+
+    def uri_of(self, rel: str) -> str:
+        return _join_uri(self.base, rel)
+
+    def read_bytes(self, rel: str = "") -> bytes:
+        path = _join_uri(self.path, rel)
+        with self.fs.open_input_file(path) as handle:
+            return handle.read()
+
+
+# -- tables -------------------------------------------------------------------------------------
+def read_table(uri: str) -> tuple[pa.Table, InputRef]:
+    """Read a CSV/TSV/Parquet table; returns it and its provenance reference."""
+    fs, path = resolve_filesystem(uri)
+    try:
+        with fs.open_input_file(path) as handle:
+            data = handle.read()
+    except (FileNotFoundError, OSError) as exc:
+        raise MedcurateError(f"cannot read table {uri}: {exc}") from None
+    try:
+        if path.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+        else:
+            delimiter = "\t" if path.endswith(".tsv") else ","
+            table = pacsv.read_csv(io.BytesIO(data),
+                                   parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    except pa.ArrowInvalid as exc:
+        raise MedcurateError(f"cannot parse table {uri}: {exc}") from None
+    return table, InputRef(role="metadata", uri=uri, sha256=sha256_bytes(data))
+
+
+def _require_column(table: pa.Table, column: str, flag: str, where: str) -> None:
+    if column not in table.column_names:
+        raise MedcurateError(f"{where} has no column {column!r} (pass {flag}); "
+                             f"columns: {', '.join(table.column_names)}")
+
+
+def _as_strings(column: pa.ChunkedArray) -> list[str | None]:
+    values = pc.cast(column, pa.string()).to_pylist()
+    return [None if v is None or v.strip() == "" else v.strip() for v in values]
+
+
+def _metadata_columns(table: pa.Table, consumed: set[str]) -> pa.Table:
+    """Every column not consumed as path/id/label/split, renamed away from core columns."""
+    keep = [c for c in table.column_names if c not in consumed]
+    renamed = [f"meta_{c}" if c in CORE_COLUMNS else c for c in keep]
+    return table.select(keep).rename_columns(renamed)
+
+
+def _items_table(rows: dict[str, list], metadata: pa.Table | None = None) -> pa.Table:
+    table = pa.table({
+        "uri": pa.array(rows["uri"], pa.string()),
+        "member": pa.array(rows["member"], pa.string()),
+        "relpath": pa.array(rows["relpath"], pa.string()),
+        "label": pa.array(rows["label"], pa.string()),
+        "split": pa.array(rows["split"], pa.string()),
+    })
+    if metadata is not None:
+        for name in metadata.column_names:
+            table = table.append_column(name, metadata.column(name))
+    return table
+
+
+def _empty_rows() -> dict[str, list]:
+    return {k: [] for k in ("uri", "member", "relpath", "label", "split")}
+
+
+def _label_problem(label: str | None, config: IngestConfig, why: str) -> str | None:
+    return None if label is not None or config.unlabeled else f"no label: {why}"
+
+
+# -- folder (and DICOM folder) ------------------------------------------------------------------
+def _folder_label_split(rel: str) -> tuple[str | None, str | None]:
+    parts = rel.split("/")
+    split = split_name(parts[0]) if len(parts) > 1 else None
+    parent = parts[-2] if len(parts) > 1 else None
+    label = None if parent is None or split_name(parent) else parent
+    return label, split
+
+
+def list_folder(config: IngestConfig, source: _Source, fmt: str) -> Listing:
+    files = source.files()
+    listing = Listing(format=fmt, items=pa.table({}))
+    metadata_file = None
+    lookup, meta_table, meta_split = None, None, None
+    if config.metadata:
+        table, ref = read_table(config.metadata)
+        listing.inputs.append(ref)
+        metadata_file = posixpath.basename(resolve_filesystem(config.metadata)[1])
+        if not config.id_column:
+            raise MedcurateError("--metadata needs --id-column: the column holding file names")
+        _require_column(table, config.id_column, "--id-column", config.metadata)
+        label_column = config.label_column or "label"
+        if not config.unlabeled:
+            _require_column(table, label_column, "--label-column", config.metadata)
+        keys = _as_strings(table.column(config.id_column))
+        lookup = {}
+        for index, key in enumerate(keys):
+            if key is not None:
+                lookup.setdefault(key, index)
+                lookup.setdefault(posixpath.splitext(key)[0], index)
+        labels = (_as_strings(table.column(label_column))
+                  if label_column in table.column_names else [None] * len(keys))
+        if config.split_column:
+            _require_column(table, config.split_column, "--split-column", config.metadata)
+            meta_split = _as_strings(table.column(config.split_column))
+        consumed = {config.id_column, label_column, config.split_column}
+        meta_table = _metadata_columns(table, consumed)
+    rows, matched = _empty_rows(), []
+    for rel in files:
+        if metadata_file and posixpath.basename(rel) == metadata_file:
+            continue
+        uri = source.uri_of(rel)
+        label, split = _folder_label_split(rel)
+        if lookup is not None:
+            name = posixpath.basename(rel)
+            index = lookup.get(name, lookup.get(posixpath.splitext(name)[0]))
+            if index is None:
+                listing.rejects.append({"uri": uri, "member": None,
+                                        "reason": f"no label: {name} is not in {config.metadata}"})
+                continue
+            label = labels[index]
+            split = split_name(meta_split[index]) or meta_split[index] if meta_split else split
+            matched.append(index)
+        problem = _label_problem(label, config, "no class sub-folder and no --metadata row")
+        if problem:
+            listing.rejects.append({"uri": uri, "member": None, "reason": problem})
+            continue
+        for key, value in zip(("uri", "member", "relpath", "label", "split"),
+                              (uri, None, rel, label, split)):
+            rows[key].append(value)
+    metadata = meta_table.take(pa.array(matched, pa.int64())) if meta_table is not None else None
+    if lookup is not None:
+        unused = sorted(set(range(meta_table.num_rows)) - set(matched))
+        for index in unused:
+            listing.rejects.append({"uri": f"{config.metadata}#{keys[index]}", "member": None,
+                                    "reason": "listed in metadata, no image file found"})
+    listing.items = _items_table(rows, metadata)
+    return listing
+
+
+# -- CSV/Parquet manifest of paths ---------------------------------------------------------------
+def list_path_table(config: IngestConfig, source: _Source, table: pa.Table, ref: InputRef,
+                    fmt: str) -> Listing:
+    where = source.uri
+    _require_column(table, config.path_column, "--path-column", where)
+    label_column = config.label_column or "label"
+    if not config.unlabeled:
+        _require_column(table, label_column, "--label-column", where)
+    base_dir = posixpath.dirname(source.base)
+    paths = _as_strings(table.column(config.path_column))
+    labels = (_as_strings(table.column(label_column)) if label_column in table.column_names
+              else [None] * len(paths))
+    splits = [None] * len(paths)
+    if config.split_column:
+        _require_column(table, config.split_column, "--split-column", where)
+        splits = [split_name(s) or s for s in _as_strings(table.column(config.split_column))]
+    metadata = _metadata_columns(table, {config.path_column, label_column, config.split_column})
+    listing = Listing(format=fmt, items=pa.table({}), inputs=[ref])
+    rows, kept = _empty_rows(), []
+    for index, path in enumerate(paths):
+        if path is None:
+            listing.rejects.append({"uri": f"{where}#row{index}", "member": None,
+                                    "reason": f"empty {config.path_column!r} cell"})
+            continue
+        uri = path if path.startswith("/") or "://" in path else _join_uri(base_dir, path)
+        problem = _label_problem(labels[index], config, f"empty {label_column!r} cell")
+        if problem:
+            listing.rejects.append({"uri": uri, "member": None, "reason": problem})
+            continue
+        for key, value in zip(("uri", "member", "relpath", "label", "split"),
+                              (uri, None, path, labels[index], splits[index])):
+            rows[key].append(value)
+        kept.append(index)
+    listing.items = _items_table(rows, metadata.take(pa.array(kept, pa.int64())))
+    return listing
+
+
+# -- MedMNIST npz --------------------------------------------------------------------------------
+def list_npz(config: IngestConfig, source: _Source) -> Listing:
+    data = source.read_bytes()
+    listing = Listing(format="npz", items=pa.table({}),
+                      inputs=[InputRef(role="source", uri=source.uri, sha256=sha256_bytes(data))])
+    try:
+        archive = np.load(io.BytesIO(data))
+    except (ValueError, OSError) as exc:
+        raise MedcurateError(f"{source.uri} is not a readable .npz: {exc}") from None
+    splits = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
+    if not splits:
+        raise MedcurateError(f"{source.uri} holds no '<split>_images' array (MedMNIST layout)")
+    rows = _empty_rows()
+    name = posixpath.basename(source.path)
+    for split in splits:
+        count = archive[f"{split}_images"].shape[0]
+        if f"{split}_labels" in archive.files:
+            labels = archive[f"{split}_labels"].reshape(count, -1)
+            if labels.shape[1] != 1:
+                raise MedcurateError(f"{source.uri}: {split}_labels has {labels.shape[1]} labels "
+                                     "per image; multi-label archives are not supported")
+            labels = [str(int(v)) for v in labels[:, 0]]
+        elif config.unlabeled:
+            labels = [None] * count
+        else:
+            raise MedcurateError(f"{source.uri} has no {split}_labels (pass --unlabeled)")
+        for index in range(count):
+            member = f"{split}/{index}"
+            for key, value in zip(("uri", "member", "relpath", "label", "split"),
+                                  (source.base, member, f"{name}/{member}", labels[index],
+                                   split_name(split) or split)):
+                rows[key].append(value)
+    listing.items = _items_table(rows)
+    return listing
+
+
+# -- WebDataset tar shards -----------------------------------------------------------------------
+def _webdataset_samples(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    samples: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
+    for member in tar:
+        if not member.isfile():
+            continue
+        directory, base = posixpath.split(member.name)
+        key, _, ext = base.partition(".")
+        samples[posixpath.join(directory, key)][ext.lower()] = member
+    return samples
+
+
+def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
+    shards = [rel for rel in source.files() if rel.endswith(TAR_SUFFIXES) or rel == ""]
+    listing = Listing(format="webdataset", items=pa.table({}))
+    rows, meta_rows = _empty_rows(), []
+    label_key = config.label_column or "label"
+    for rel in shards:
+        uri = source.uri_of(rel)
+        shard_name = posixpath.basename(rel or source.path)
+        split = split_name(shard_name.split("-")[0].split(".")[0]) or _folder_label_split(rel)[1]
+        try:
+            with tarfile.open(fileobj=io.BytesIO(source.read_bytes(rel)), mode="r:*") as tar:
+                for key, parts in sorted(_webdataset_samples(tar).items()):
+                    image_ext = next((e for e in parts if "." + e.split(".")[-1] in IMAGE_SUFFIXES),
+                                     None)
+                    if image_ext is None:
+                        listing.rejects.append({"uri": uri, "member": key,
+                                                "reason": "sample has no image member"})
+                        continue
+                    meta = {}
+                    if "json" in parts:
+                        try:
+                            meta = json.loads(tar.extractfile(parts["json"]).read())
+                        except ValueError:
+                            meta = {}
+                    label = meta.pop(label_key, None)
+                    if "cls" in parts:
+                        label = tar.extractfile(parts["cls"]).read().decode().strip()
+                    label = None if label in (None, "") else str(label)
+                    member = parts[image_ext].name
+                    problem = _label_problem(label, config, f"no .cls and no '{label_key}' in .json")
+                    if problem:
+                        listing.rejects.append({"uri": uri, "member": member, "reason": problem})
+                        continue
+                    for k, v in zip(("uri", "member", "relpath", "label", "split"),
+                                    (uri, member, f"{rel}#{member}", label, split)):
+                        rows[k].append(v)
+                    meta_rows.append({k: v for k, v in meta.items()
+                                      if isinstance(v, (str, int, float, bool))})
+        except (tarfile.TarError, OSError) as exc:
+            listing.rejects.append({"uri": uri, "member": None,
+                                    "reason": f"unreadable tar shard: {exc}"})
+    metadata = _metadata_columns(pa.Table.from_pylist(meta_rows), set()) if any(meta_rows) else None
+    listing.items = _items_table(rows, metadata)
+    return listing
+
+
+# -- Parquet files of image bytes ----------------------------------------------------------------
+def _image_column(schema: pa.Schema, wanted: str | None) -> str | None:
+    if wanted:
+        return wanted if wanted in schema.names else None
+    for f in schema:
+        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
+            return f.name
+        if pa.types.is_struct(f.type) and any(c.name == "bytes" for c in f.type):
+            return f.name
+    return None
+
+
+def list_parquet(config: IngestConfig, source: _Source) -> Listing:
+    files = [rel for rel in source.files() if rel.endswith(".parquet") or rel == ""]
+    first = pq.read_schema(_join_uri(source.path, files[0]), filesystem=source.fs)
+    image_column = _image_column(first, config.image_column)
+    if image_column is None:
+        if config.image_column:
+            raise MedcurateError(f"{source.uri} has no column {config.image_column!r}")
+        if source.is_dir:
+            raise MedcurateError(f"{source.uri}: Parquet files hold no image bytes column; "
+                                 "a manifest of paths must be a single file")
+        table, ref = read_table(source.uri)
+        return list_path_table(config, source, table, ref, "parquet")
+    listing = Listing(format="parquet", items=pa.table({}))
+    rows, metadata_parts = _empty_rows(), []
+    label_column = config.label_column or "label"
+    for rel in files:
+        uri = source.uri_of(rel)
+        path = _join_uri(source.path, rel)
+        schema = pq.read_schema(path, filesystem=source.fs)
+        columns = [c for c in schema.names if c != image_column]
+        table = pq.read_table(path, filesystem=source.fs, columns=columns)
+        if label_column not in table.column_names and not config.unlabeled:
+            raise MedcurateError(f"{uri} has no label column {label_column!r} "
+                                 "(pass --label-column or --unlabeled)")
+        labels = (_as_strings(table.column(label_column)) if label_column in table.column_names
+                  else [None] * table.num_rows)
+        kept = []
+        for index, label in enumerate(labels):
+            member = f"{image_column}/{index}"
+            problem = _label_problem(label, config, f"empty {label_column!r} cell")
+            if problem:
+                listing.rejects.append({"uri": uri, "member": member, "reason": problem})
+                continue
+            split = _folder_label_split(rel)[1] or split_name(posixpath.basename(rel).split("-")[0])
+            for k, v in zip(("uri", "member", "relpath", "label", "split"),
+                            (uri, member, f"{rel}#{member}", label, split)):
+                rows[k].append(v)
+            kept.append(index)
+        metadata_parts.append(_metadata_columns(table, {label_column}).take(
+            pa.array(kept, pa.int64())))
+    metadata = pa.concat_tables(metadata_parts, promote_options="permissive")
+    listing.items = _items_table(rows, metadata)
+    return listing
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+def detect_format(source: _Source) -> str:
+    name = source.path.lower()
+    if not source.is_dir:
+        for suffixes, fmt in (((".npz",), "npz"), ((".csv", ".tsv"), "csv"),
+                              ((".parquet",), "parquet"), (TAR_SUFFIXES, "webdataset"),
+                              (DICOM_SUFFIXES, "dicom")):
+            if name.endswith(suffixes):
+                return fmt
+        return "folder"
+    files = source.files()
+    if files and all(f.endswith(TAR_SUFFIXES) for f in files):
+        return "webdataset"
+    if files and all(f.endswith(".parquet") for f in files):
+        return "parquet"
+    if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
+        return "dicom"
+    return "folder"
+
+
+def list_source(config: IngestConfig) -> Listing:
+    """List the images of ``config.source`` with the reader its format names."""
+    source = _Source(config.source)
+    fmt = detect_format(source) if config.format == "auto" else config.format
+    if fmt in ("folder", "dicom"):
+        listing = list_folder(config, source, fmt)
+    elif fmt == "csv":
+        table, ref = read_table(config.source)
+        listing = list_path_table(config, source, table, ref, "csv")
+    elif fmt == "npz":
+        listing = list_npz(config, source)
+    elif fmt == "webdataset":
+        listing = list_webdataset(config, source)
+    elif fmt == "parquet":
+        listing = list_parquet(config, source)
+    else:  # pragma: no cover - the config's Literal type rules this out
+        raise MedcurateError(f"unknown format {fmt!r}")
+    if listing.items.num_rows == 0 and not listing.rejects:
+        raise MedcurateError(f"source {config.source} holds no image files ({fmt} reader)")
+    if not any(ref.role == "source" for ref in listing.inputs):
+        listing.inputs.insert(0, InputRef(role="source", uri=config.source))
+    return listing

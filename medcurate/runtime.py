@@ -1,0 +1,81 @@
+"""Ray start-up and the resources each pipeline stage declares, in one place.
+
+Every stage that runs on Ray names its CPUs, GPUs, batch size and concurrency here (as NeMo
+Curator's stages do), so a cluster operator reads one table to size a cluster, and the
+2-core deadlock (actors holding every CPU while an upstream read task waits for one) is
+avoided by construction: actors take fractional CPUs on CPU-only nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass(frozen=True)
+class StageResources:
+    num_cpus: float
+    num_gpus: float = 0.0
+    batch_size: int | None = None
+    concurrency: int | tuple[int, int] | None = None
+
+
+def gpu_count() -> int:
+    """GPUs Ray sees, or torch sees before Ray is up: the single switch for GPU code paths."""
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def stage_resources(stage: str, batch_size: int | None = None) -> StageResources:
+    """Resources of one stage given the cluster at hand (CPU-only or with GPUs)."""
+    gpus = gpu_count()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))) \
+        if ray.is_initialized() else (os.cpu_count() or 1)
+    if stage == "ingest_probe":
+        return StageResources(num_cpus=1, batch_size=batch_size or 64)
+    if stage == "decode":
+        return StageResources(num_cpus=1, batch_size=batch_size or 64)
+    if stage == "embed":
+        if gpus:  # one actor per GPU, each fed by CPU decode tasks
+            return StageResources(num_cpus=1, num_gpus=1, batch_size=batch_size or 256,
+                                  concurrency=gpus)
+        # CPU-only: actors leave half a core per actor for upstream decode tasks, so the
+        # pipeline always has CPU budget for the step that feeds it.
+        actors = max(1, cpus // 2)
+        return StageResources(num_cpus=0.5, batch_size=batch_size or 32, concurrency=actors)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray without the dashboard.
+
+    Library use does not need the dashboard (saves about 1 GB); Ray Jobs do, and run under a
+    cluster started by ``ray start``. Auth mode defaults to disabled for a local in-process
+    Ray; clusters set ``RAY_AUTH_MODE`` themselves (see the README's cluster section).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=True,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
