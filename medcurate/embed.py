@@ -1,0 +1,261 @@
+"""Streaming, resumable embedding of a collection on Ray Data.
+
+Decode and preprocessing run in CPU tasks; an actor pool holds the encoder (one actor per GPU
+where GPUs exist) and embeds; the driver groups the rows it receives into fixed shards of the
+manifest and commits each shard atomically as soon as it is complete. A killed run, started
+again with the same command, embeds only the shards that were not committed; the final
+embeddings are those of an uninterrupted run, since each shard is a fixed slice of the manifest.
+
+Run layout: ``embeddings/<run-id>/run.json`` (plan and encoder, written first),
+``shards/shard-NNNNN.parquet`` (id, label, split, row, embedding), ``provenance.json`` (last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+from tqdm import tqdm
+
+from medcurate.config import EmbedConfig
+from medcurate.errors import MedcurateError
+from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.ingest.decode import load_image
+from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
+from medcurate.runtime import ensure_ray, stage_resources
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+
+RUN_FILE = "run.json"
+SHARD_DIR = "shards"
+_PASS_THROUGH = ("id", "label", "split", "row")
+
+
+def default_run_id(config: EmbedConfig) -> str:
+    """Same collection, model and weights → same run id, so re-running a command resumes it."""
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in config.model).strip("-.")
+    digest = hashlib.sha256(json.dumps([config.collection, config.model, config.weights,
+                                        config.shard_size]).encode()).hexdigest()[:8]
+    return f"{config.collection}--{slug[:80]}--{digest}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+class _DecodeBatch:
+    """Ray Data CPU task: decode and preprocess images into the encoder's input tensor."""
+
+    def __init__(self, preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        from medcurate.models import preprocess_batch
+
+        has_window = "window_center" in batch.column_names
+        images = []
+        for index, (uri, member) in enumerate(zip(batch.column("uri").to_pylist(),
+                                                  batch.column("member").to_pylist())):
+            window = ((batch.column("window_center")[index].as_py(),
+                       batch.column("window_width")[index].as_py()) if has_window else (None, None))
+            images.append(load_image(uri, member, *window))
+        out = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in _PASS_THROUGH}
+        out["pixels"] = preprocess_batch(images, self.preprocessing)
+        return out
+
+
+class _EmbedActor:
+    """Holds one encoder; embeds preprocessed batches (bf16 autocast on GPU)."""
+
+    def __init__(self, model: str, weights: str | None, threads: int | None):
+        import torch
+
+        from medcurate.models import create_encoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = create_encoder(model, weights=weights).to(self.device)
+        if self.device == "cuda":
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = torch.from_numpy(batch.pop("pixels"))
+        with torch.inference_mode():
+            if self.device == "cuda":
+                pixels = pixels.pin_memory().to("cuda", non_blocking=True)
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    features = self.encoder(pixels)
+            else:
+                features = self.encoder(pixels)
+        batch["embedding"] = features.float().cpu().numpy()
+        return batch
+
+
+def _shard_table(parts: list[dict[str, np.ndarray]], dim: int) -> pa.Table:
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in (*_PASS_THROUGH,
+                                                                           "embedding")}
+    order = np.argsort(columns["row"], kind="stable")
+    flat = pa.array(columns["embedding"][order].astype(np.float32).ravel(), pa.float32())
+    return pa.table({
+        "id": pa.array(columns["id"][order], pa.string()),
+        "label": pa.array(columns["label"][order], pa.string()),
+        "split": pa.array(columns["split"][order], pa.string()),
+        "row": pa.array(columns["row"][order], pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+
+
+class EmbeddingRun:
+    """One run's folder: its plan, which shards are committed, and how to read them back."""
+
+    def __init__(self, workspace: Workspace, run_id: str):
+        self.workspace, self.run_id = workspace, run_id
+        self.root = workspace.path("embeddings", run_id)
+
+    def plan(self) -> dict | None:
+        path = f"{self.root}/{RUN_FILE}"
+        if self.workspace.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        return self.workspace.read_json(path)
+
+    def committed(self) -> set[int]:
+        directory = f"{self.root}/{SHARD_DIR}"
+        if self.workspace.fs.get_file_info(directory).type != pafs.FileType.Directory:
+            return set()
+        names = (info.base_name for info in
+                 self.workspace.fs.get_file_info(pafs.FileSelector(directory)))
+        return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".parquet")}
+
+    def shard_path(self, index: int) -> str:
+        return f"{self.root}/{SHARD_DIR}/{shard_name(index)}"
+
+
+def load_embeddings(workspace: Workspace, run_id: str) -> tuple[pa.Table, np.ndarray]:
+    """A finished run's rows (id, label, split, row) in manifest order, and its [N, D] matrix."""
+    workspace.require("embeddings", run_id)
+    run = EmbeddingRun(workspace, run_id)
+    shards = [workspace.read_table(run.shard_path(i)) for i in sorted(run.committed())]
+    table = pa.concat_tables(shards)
+    column = table.column("embedding").combine_chunks()
+    matrix = column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
+    return table.drop_columns(["embedding"]), matrix
+
+
+def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
+    """Embed a collection into ``embeddings/<run-id>/``, resuming a run that was cut short."""
+    from medcurate.models import create_encoder
+
+    workspace = workspace or Workspace()
+    started = utc_now()
+    run_id = config.run_id or default_run_id(config)
+    run = EmbeddingRun(workspace, run_id)
+    if workspace.exists("embeddings", run_id) and not config.overwrite:
+        return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True}
+    if config.overwrite:
+        workspace.fs.delete_dir_contents(run.root, missing_dir_ok=True)
+    manifest = read_manifest(workspace, config.collection)
+    encoder = create_encoder(config.model, weights=config.weights)  # fails early on bad specs
+    description = encoder.describe()
+    collection_record = workspace.provenance("collections", config.collection)
+    plan = {"run_id": run_id, "config": config.model_dump(), "encoder": description,
+            "rows": manifest.num_rows, "shard_size": config.shard_size,
+            "shards": -(-manifest.num_rows // config.shard_size),
+            "collection_manifest_sha256":
+                collection_record["outputs"][MANIFEST_FILE]["sha256"]}
+    previous = run.plan()
+    if previous is None:
+        workspace.write_json(f"{run.root}/{RUN_FILE}", {**plan, "started_at": started})
+    elif {k: previous.get(k) for k in plan} != plan:
+        raise MedcurateError(f"embedding run {run_id!r} exists with another plan (different "
+                             "config, encoder or collection); pass --overwrite or another --run-id")
+    done = run.committed()
+    pending = [i for i in range(plan["shards"]) if i not in done]
+    if done:
+        print(f"resuming {run_id}: {len(done)} of {plan['shards']} shards already committed",
+              file=sys.stderr)
+    if pending:
+        _embed_shards(config, run, manifest, pending, encoder.preprocessing,
+                      description["embed_dim"])
+    summary = {"run_id": run_id, "collection": config.collection, "model": config.model,
+               "rows": manifest.num_rows, "dim": description["embed_dim"],
+               "shards": plan["shards"], "resumed_shards": len(done)}
+    outputs = {}
+    for index in range(plan["shards"]):
+        info = workspace.fs.get_file_info(run.shard_path(index))
+        outputs[f"{SHARD_DIR}/{shard_name(index)}"] = OutputRef(
+            sha256=_file_sha256(workspace, run.shard_path(index)), bytes=info.size)
+    record = Provenance(kind="embedding", key=run_id, started_at=previous.get("started_at", started)
+                        if previous else started, config=config.model_dump(),
+                        inputs=[InputRef(role="collection", uri=config.collection,
+                                         sha256=plan["collection_manifest_sha256"])],
+                        outputs=outputs, model=description, summary=summary)
+    workspace.write_json(f"{run.root}/{PROVENANCE_FILE}", record.model_dump())
+    return summary
+
+
+def _file_sha256(workspace: Workspace, path: str) -> str:
+    digest = hashlib.sha256()
+    with workspace.fs.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
+                  pending: list[int], preprocessing, dim: int) -> None:
+    ensure_ray()
+    size = config.shard_size
+    columns = ["id", "uri", "member", "label", "split"] + [
+        c for c in ("window_center", "window_width") if c in manifest.column_names]
+    table = manifest.select(columns).append_column(
+        "row", pa.array(np.arange(manifest.num_rows), pa.int64()))
+    blocks = [table.slice(i * size, size) for i in pending]
+    expected = {i: blocks[k].num_rows for k, i in enumerate(pending)}
+    decode = stage_resources("decode")
+    model = stage_resources("embed", config.batch_size)
+    dataset = (
+        ray.data.from_arrow(blocks)
+        .map_batches(_DecodeBatch(preprocessing), batch_format="pyarrow",
+                     batch_size=model.batch_size, num_cpus=decode.num_cpus)
+        .map_batches(_EmbedActor, fn_constructor_args=(config.model, config.weights,
+                                                       model.threads),
+                     batch_format="numpy", batch_size=model.batch_size,
+                     num_cpus=model.num_cpus, num_gpus=model.num_gpus,
+                     concurrency=model.concurrency)
+    )
+    buffers: dict[int, list] = {}
+    counts = dict.fromkeys(expected, 0)
+    total = sum(expected.values())
+    progress = tqdm(total=total, desc=f"embed {run.run_id}", unit="img", file=sys.stderr,
+                    disable=None)
+    start, embedded = time.monotonic(), 0
+    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        shards = batch["row"] // size
+        for index in np.unique(shards):
+            mask = shards == index
+            part = {name: batch[name][mask] for name in (*_PASS_THROUGH, "embedding")}
+            buffers.setdefault(int(index), []).append(part)
+            counts[int(index)] += int(mask.sum())
+            if counts[int(index)] == expected[int(index)]:
+                run.workspace.write_table(run.shard_path(int(index)),
+                                          _shard_table(buffers.pop(int(index)), dim))
+                rate = (embedded + int(mask.sum())) / max(time.monotonic() - start, 1e-9)
+                if progress.disable:
+                    print(f"committed shard {int(index)} ({rate:.1f} images/s)", file=sys.stderr)
+        embedded += len(batch["row"])
+        progress.update(len(batch["row"]))
+    progress.close()
+    missing = [i for i, n in counts.items() if n != expected[i]]
+    if missing:
+        raise RuntimeError(f"embedding lost rows in shards {missing}; rerun to finish them")
+    print(f"embedded {total} images at {total / max(time.monotonic() - start, 1e-9):.1f} "
+          "images/s", file=sys.stderr)
