@@ -51,7 +51,9 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
                                   concurrency=gpus)
         # CPU-only: few actors, each running torch on several threads (the model is the
         # bottleneck), but each declaring less than its share so one logical CPU always stays
-        # free for the decode tasks that feed it: no deadlock on a 2-core machine.
+        # free for the tasks that feed it: no deadlock on a 2-core machine. Where decode and
+        # embed declare the same CPUs, Ray Data fuses decode into the actor (no pixel tensors
+        # through the object store); with GPUs they differ and decode stays in CPU tasks.
         threads = min(8, cpus)
         actors = max(1, cpus // threads)
         return StageResources(num_cpus=max(0.5, min(threads, (cpus - 1) / actors)),

@@ -28,11 +28,12 @@ import pyarrow.parquet as pq
 
 from medcurate.errors import MedcurateError
 
-ARTEFACT_KINDS = ("collections", "embeddings", "selections", "jobs")
+ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "jobs")
 PROVENANCE_FILE = "provenance.json"
 STAGING_DIR = ".staging"
 DEFAULT_WORKSPACE = "./medcurate-workspace"
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Matched with ``fullmatch``: a ``$`` anchor would also accept a trailing newline ("x\n").
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -45,7 +46,7 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def validate_key(key: str) -> str:
     """Artefact keys become folder names: refuse anything that could escape or hide."""
-    if not _KEY_PATTERN.match(key or ""):
+    if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
         raise MedcurateError(
             f"invalid name {key!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -83,10 +84,12 @@ class Workspace:
         base = "/".join([self.root, kind])
         if self.fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
+        # Folders whose names are not valid keys (staging, or made by hand) are not artefacts;
+        # skipping them keeps one stray folder from breaking every listing.
         keys = [
             info.base_name
             for info in self.fs.get_file_info(pafs.FileSelector(base))
-            if info.type == pafs.FileType.Directory and not info.base_name.startswith(".")
+            if info.type == pafs.FileType.Directory and _KEY_PATTERN.fullmatch(info.base_name)
         ]
         return sorted(k for k in keys if self.exists(kind, k))
 

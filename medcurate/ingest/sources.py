@@ -11,6 +11,7 @@ import io
 import json
 import posixpath
 import tarfile
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -45,6 +46,13 @@ class Listing:
 
 def split_name(text: str | None) -> str | None:
     return SPLIT_NAMES.get(text.lower()) if text else None
+
+
+def split_of_file(name: str) -> str | None:
+    """The split a shard's file name starts with: ``train.parquet``, ``train-00000-of-00004
+    .parquet`` and ``val-000000.tar`` all name theirs. One rule for every sharded reader
+    (the Parquet reader used to cut only at '-', so ``train.parquet`` got no split)."""
+    return split_name(posixpath.basename(name).split("-")[0].split(".")[0])
 
 
 def _join_uri(root: str, relpath: str) -> str:
@@ -258,13 +266,20 @@ def list_path_table(config: IngestConfig, source: _Source, table: pa.Table, ref:
 
 # -- MedMNIST npz --------------------------------------------------------------------------------
 def list_npz(config: IngestConfig, source: _Source) -> Listing:
+    # A folder (--format npz on the wrong source), an empty or garbled file and a plain .npy
+    # each used to end in a traceback (OSError, EOFError, BadZipFile, AttributeError).
+    if source.is_dir:
+        raise MedcurateError(f"{source.uri} is a folder; the npz reader needs one .npz file")
     data = source.read_bytes()
     listing = Listing(format="npz", items=pa.table({}),
                       inputs=[InputRef(role="source", uri=source.uri, sha256=sha256_bytes(data))])
     try:
         archive = np.load(io.BytesIO(data))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise MedcurateError(f"{source.uri} is not a readable .npz: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise MedcurateError(f"{source.uri} is a single array, not an .npz archive of "
+                             "'<split>_images' arrays")
     splits = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
     if not splits:
         raise MedcurateError(f"{source.uri} holds no '<split>_images' array (MedMNIST layout)")
@@ -312,7 +327,7 @@ def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
     for rel in shards:
         uri = source.uri_of(rel)
         shard_name = posixpath.basename(rel or source.path)
-        split = split_name(shard_name.split("-")[0].split(".")[0]) or _folder_label_split(rel)[1]
+        split = split_of_file(shard_name) or _folder_label_split(rel)[1]
         try:
             with tarfile.open(fileobj=io.BytesIO(source.read_bytes(rel)), mode="r:*") as tar:
                 for key, parts in sorted(_webdataset_samples(tar).items()):
@@ -327,6 +342,8 @@ def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
                         try:
                             meta = json.loads(tar.extractfile(parts["json"]).read())
                         except ValueError:
+                            meta = {}
+                        if not isinstance(meta, dict):  # e.g. a JSON list: no named fields
                             meta = {}
                     label = meta.pop(label_key, None)
                     if "cls" in parts:
@@ -345,9 +362,28 @@ def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
         except (tarfile.TarError, OSError) as exc:
             listing.rejects.append({"uri": uri, "member": None,
                                     "reason": f"unreadable tar shard: {exc}"})
-    metadata = _metadata_columns(pa.Table.from_pylist(meta_rows), set()) if any(meta_rows) else None
+    metadata = _metadata_columns(_rows_table(meta_rows), set()) if any(meta_rows) else None
     listing.items = _items_table(rows, metadata)
     return listing
+
+
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """A table of per-sample metadata dicts whose keys differ from sample to sample.
+
+    ``pa.Table.from_pylist`` takes its columns from the first row only, so a first sample
+    without a ``.json`` (or with fewer fields) silently dropped every metadata column. Columns
+    here are the union of all keys, in first-seen order, null where a sample lacks one; a
+    column whose values mix types (``1`` in one sample, ``"1"`` in another) becomes strings.
+    """
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(columns)
 
 
 # -- Parquet files of image bytes ----------------------------------------------------------------
@@ -364,6 +400,8 @@ def _image_column(schema: pa.Schema, wanted: str | None) -> str | None:
 
 def list_parquet(config: IngestConfig, source: _Source) -> Listing:
     files = [rel for rel in source.files() if rel.endswith(".parquet") or rel == ""]
+    if not files:  # --format parquet on a folder without any (was an IndexError)
+        raise MedcurateError(f"source {source.uri} holds no .parquet files")
     first = pq.read_schema(_join_uri(source.path, files[0]), filesystem=source.fs)
     image_column = _image_column(first, config.image_column)
     if image_column is None:
@@ -395,7 +433,7 @@ def list_parquet(config: IngestConfig, source: _Source) -> Listing:
             if problem:
                 listing.rejects.append({"uri": uri, "member": member, "reason": problem})
                 continue
-            split = _folder_label_split(rel)[1] or split_name(posixpath.basename(rel).split("-")[0])
+            split = _folder_label_split(rel)[1] or split_of_file(rel or source.path)
             for k, v in zip(("uri", "member", "relpath", "label", "split"),
                             (uri, member, f"{rel}#{member}", label, split)):
                 rows[k].append(v)

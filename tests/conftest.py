@@ -1,0 +1,41 @@
+"""Shared fixtures: the real data sets beside the repo, one Ray per session, a fresh workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medcurate.workspace import Workspace
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA_MISSING = ("../shared/data is absent: real-data tests need the shared data sets "
+                       "beside the repo")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``<repo root>/../shared/data``; tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(SHARED_DATA_MISSING)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: every in-process ingest reuses it."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    from medcurate.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    return Workspace(str(tmp_path / "ws"))
