@@ -33,7 +33,6 @@ from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
-_PASS_THROUGH = ("id", "label", "split", "row")
 
 
 def default_run_id(config: EmbedConfig) -> str:
@@ -64,9 +63,8 @@ class _DecodeBatch:
             window = ((batch.column("window_center")[index].as_py(),
                        batch.column("window_width")[index].as_py()) if has_window else (None, None))
             images.append(load_image(uri, member, *window))
-        out = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in _PASS_THROUGH}
-        out["pixels"] = preprocess_batch(images, self.preprocessing)
-        return out
+        return {"row": batch.column("row").to_numpy(),
+                "pixels": preprocess_batch(images, self.preprocessing)}
 
 
 class _EmbedActor:
@@ -100,18 +98,14 @@ class _EmbedActor:
         return batch
 
 
-def _shard_table(parts: list[dict[str, np.ndarray]], dim: int) -> pa.Table:
-    columns = {name: np.concatenate([p[name] for p in parts]) for name in (*_PASS_THROUGH,
-                                                                           "embedding")}
-    order = np.argsort(columns["row"], kind="stable")
-    flat = pa.array(columns["embedding"][order].astype(np.float32).ravel(), pa.float32())
-    return pa.table({
-        "id": pa.array(columns["id"][order], pa.string()),
-        "label": pa.array(columns["label"][order], pa.string()),
-        "split": pa.array(columns["split"][order], pa.string()),
-        "row": pa.array(columns["row"][order], pa.int64()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-    })
+def _shard_table(manifest: pa.Table, parts: list[dict[str, np.ndarray]], dim: int) -> pa.Table:
+    """Rows in manifest order: only row numbers travel through Ray, the rest is joined here."""
+    rows = np.concatenate([p["row"] for p in parts])
+    order = np.argsort(rows, kind="stable")
+    flat = np.concatenate([p["embedding"] for p in parts])[order].astype(np.float32).ravel()
+    table = manifest.select(["id", "label", "split"]).take(pa.array(rows[order]))
+    return table.append_column("row", pa.array(rows[order], pa.int64())).append_column(
+        "embedding", pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim))
 
 
 class EmbeddingRun:
@@ -182,12 +176,13 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
     if done:
         print(f"resuming {run_id}: {len(done)} of {plan['shards']} shards already committed",
               file=sys.stderr)
+    timing = {}
     if pending:
-        _embed_shards(config, run, manifest, pending, encoder.preprocessing,
-                      description["embed_dim"])
+        timing = _embed_shards(config, run, manifest, pending, encoder.preprocessing,
+                               description["embed_dim"])
     summary = {"run_id": run_id, "collection": config.collection, "model": config.model,
                "rows": manifest.num_rows, "dim": description["embed_dim"],
-               "shards": plan["shards"], "resumed_shards": len(done)}
+               "shards": plan["shards"], "resumed_shards": len(done), "timing": timing}
     outputs = {}
     for index in range(plan["shards"]):
         info = workspace.fs.get_file_info(run.shard_path(index))
@@ -211,17 +206,22 @@ def _file_sha256(workspace: Workspace, path: str) -> str:
 
 
 def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
-                  pending: list[int], preprocessing, dim: int) -> None:
+                  pending: list[int], preprocessing, dim: int) -> dict:
+    """Embed the pending shards; returns start-up time and steady-state throughput."""
+    start = time.monotonic()
     ensure_ray()
     size = config.shard_size
-    columns = ["id", "uri", "member", "label", "split"] + [
+    columns = ["uri", "member"] + [
         c for c in ("window_center", "window_width") if c in manifest.column_names]
     table = manifest.select(columns).append_column(
         "row", pa.array(np.arange(manifest.num_rows), pa.int64()))
-    blocks = [table.slice(i * size, size) for i in pending]
-    expected = {i: blocks[k].num_rows for k, i in enumerate(pending)}
     decode = stage_resources("decode")
     model = stage_resources("embed", config.batch_size)
+    shards = {i: table.slice(i * size, size) for i in pending}
+    expected = {i: shard.num_rows for i, shard in shards.items()}
+    # One input block per model batch: results stream back, and shards commit, batch by batch.
+    blocks = [shard.slice(start, model.batch_size) for shard in shards.values()
+              for start in range(0, shard.num_rows, model.batch_size)]
     dataset = (
         ray.data.from_arrow(blocks)
         .map_batches(_DecodeBatch(preprocessing), batch_format="pyarrow",
@@ -237,19 +237,21 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     total = sum(expected.values())
     progress = tqdm(total=total, desc=f"embed {run.run_id}", unit="img", file=sys.stderr,
                     disable=None)
-    start, embedded = time.monotonic(), 0
+    embedded, first = 0, None
     for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        if first is None:  # Ray, actors and the model are up: steady state starts here
+            first, first_rows = time.monotonic(), len(batch["row"])
         shards = batch["row"] // size
         for index in np.unique(shards):
             mask = shards == index
-            part = {name: batch[name][mask] for name in (*_PASS_THROUGH, "embedding")}
+            part = {name: batch[name][mask] for name in ("row", "embedding")}
             buffers.setdefault(int(index), []).append(part)
             counts[int(index)] += int(mask.sum())
             if counts[int(index)] == expected[int(index)]:
                 run.workspace.write_table(run.shard_path(int(index)),
-                                          _shard_table(buffers.pop(int(index)), dim))
-                rate = (embedded + int(mask.sum())) / max(time.monotonic() - start, 1e-9)
+                                          _shard_table(manifest, buffers.pop(int(index)), dim))
                 if progress.disable:
+                    rate = (embedded + int(mask.sum())) / max(time.monotonic() - start, 1e-9)
                     print(f"committed shard {int(index)} ({rate:.1f} images/s)", file=sys.stderr)
         embedded += len(batch["row"])
         progress.update(len(batch["row"]))
@@ -257,5 +259,10 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     missing = [i for i, n in counts.items() if n != expected[i]]
     if missing:
         raise RuntimeError(f"embedding lost rows in shards {missing}; rerun to finish them")
-    print(f"embedded {total} images at {total / max(time.monotonic() - start, 1e-9):.1f} "
-          "images/s", file=sys.stderr)
+    end = time.monotonic()
+    steady = (total - first_rows) / max(end - first, 1e-9) if total > first_rows else None
+    timing = {"total_s": round(end - start, 3), "startup_s": round(first - start, 3),
+              "steady_images_per_s": None if steady is None else round(steady, 2)}
+    print(f"embedded {total} images in {timing['total_s']} s (start-up {timing['startup_s']} s, "
+          f"then {timing['steady_images_per_s']} images/s)", file=sys.stderr)
+    return timing
