@@ -162,11 +162,17 @@ class Workspace:
             raise
 
     def _publish(self, staging: str, final: str) -> None:
+        """Swap the staged folder in; if that fails, the earlier artefact goes back in place."""
         retired = None
         if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
             retired = f"{staging}.retired"
             self.fs.move(final, retired)
-        self.fs.move(staging, final)
+        try:
+            self.fs.move(staging, final)
+        except BaseException:
+            if retired:
+                self.fs.move(retired, final)
+            raise
         if retired:
             self._delete_quietly(retired, directory=True)
 
