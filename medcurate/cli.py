@@ -12,7 +12,7 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.config import CurateConfig, EmbedConfig, IngestConfig
+from medcurate.config import CurateConfig, EmbedConfig, IngestConfig, SelectConfig
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -61,7 +61,8 @@ def _parameter(name: str, field) -> inspect.Parameter:
         info = typer.Argument(help=field.description, show_default=False)
     else:
         info = typer.Option(help=field.description)
-    default = inspect.Parameter.empty if field.is_required() else field.default
+    default = (inspect.Parameter.empty if field.is_required()
+               else field.get_default(call_default_factory=True))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=typing.Annotated[field.annotation, info])
 
@@ -112,6 +113,19 @@ def embed_command(config: EmbedConfig, workspace: Workspace) -> dict:
     from medcurate.embed import embed
 
     return embed(config, workspace)
+
+
+@config_command(app, "select", SelectConfig,
+                "Select a budget of images per class from an embedding run: selection.parquet "
+                "(id, label, group, reason), summary.json and report.html.")
+def select_command(config: SelectConfig, workspace: Workspace) -> dict:
+    from medcurate.select.run import run_selection
+
+    summary = run_selection(config, workspace)
+    report = workspace.path("selections", summary["selection_id"], "report.html")
+    typer.echo(f"selected {summary['selected']} of {summary['images']} images; report: {report}",
+               err=True)
+    return {k: v for k, v in summary.items() if k != "metadata"}
 
 
 @config_command(app, "curate", CurateConfig,

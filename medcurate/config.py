@@ -122,3 +122,58 @@ class CurateConfig(IngestConfig):
     @classmethod
     def _absolute_weights(cls, value: str | None) -> str | None:
         return absolute_location(value)
+
+
+Strategy = Literal["confounder-aware", "random", "stratified", "kcenter", "herding",
+                   "facility-location", "typicality", "cluster-random"]
+
+
+class SelectConfig(CommandConfig):
+    """A selection over a finished embedding run; strategy parameters left unset (None) take
+    the strategy's own defaults, and a parameter the strategy does not use is an error."""
+
+    embedding_run: str = argument("Embedding run to select from (see `medcurate embed`).")
+    budget_per_class: int = Field(..., ge=1, description="Images to select per class (a class "
+                                  "with fewer images is taken whole, and the summary says so).")
+    strategy: Strategy = Field("confounder-aware", description="Selection strategy.")
+    stratify_by: list[str] = Field(default_factory=list, description="Metadata columns (comma "
+                                   "separated, e.g. site,sex) whose joint distribution within "
+                                   "each class the selection keeps.")
+    min_per_stratum: int = Field(0, ge=0, description="Minimum images per class × stratum cell "
+                                 "where the cell has them and the budget allows.")
+    seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
+    selection_id: str | None = Field(None, description="Key of the selection (default: derived "
+                                     "from the run, strategy, budget and parameters).")
+    method: Literal["dbscan", "hdbscan", "kmeans"] | None = Field(
+        None, description="Clustering of each class's 2-D map (confounder-aware, cluster-random;"
+        " default dbscan, parameters chosen automatically).")
+    within: Literal["quantile", "nearest", "farthest"] | None = Field(
+        None, description="Order of picks inside a group (confounder-aware; default quantile: "
+        "evenly spaced distance quantiles from typical to atypical).")
+    pca_dims: int | None = Field(None, ge=2, description="PCA dimensions before UMAP "
+                                 "(default 50).")
+    n_neighbors: int | None = Field(None, ge=2, description="UMAP neighbours (confounder-aware, "
+                                    "cluster-random; default 15) or k-NN graph size "
+                                    "(facility-location, typicality; default 20).")
+    min_dist: float | None = Field(None, ge=0, description="UMAP min_dist (default 0.1).")
+    fit_sample: int | None = Field(None, ge=100, description="Above this many images in a class "
+                                   "UMAP is fitted on a sample and the rest transformed in "
+                                   "parallel on Ray (default 20000).")
+    overwrite: bool = Field(False, description="Replace an existing selection of this id.")
+
+    @field_validator("stratify_by", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return [part.strip() for item in value or [] for part in str(item).split(",")
+                if part.strip()]
+
+    @field_validator("embedding_run", "selection_id")
+    @classmethod
+    def _valid_keys(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
+
+    def strategy_params(self) -> dict:
+        names = ("method", "within", "pca_dims", "n_neighbors", "min_dist", "fit_sample")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}

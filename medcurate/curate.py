@@ -9,11 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from medcurate.config import DEFAULT_ENCODER, CurateConfig, EmbedConfig, IngestConfig
+from medcurate.config import (DEFAULT_ENCODER, CurateConfig, EmbedConfig, IngestConfig,
+                              SelectConfig)
 from medcurate.demo import DEMO_NOTICE, make_demo_archive
 from medcurate.embed import embed
 from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest
+from medcurate.select.run import run_selection
 from medcurate.workspace import Workspace, validate_key
 
 DEMO_MODEL = "mobilenetv2-imagenet"
@@ -61,9 +63,18 @@ def curate(config: CurateConfig, workspace: Workspace | None = None) -> dict:
     _say(f"embedding {name!r} with {config.model}")
     embedded = embed(EmbedConfig(collection=name, model=config.model, weights=config.weights),
                      workspace)
-    result = {"demo": demo, "collection": name, "ingest": ingested, "embedding": embedded}
+    _say(f"selecting {config.budget_per_class} per class (confounder-aware)")
+    selection_config = SelectConfig(embedding_run=embedded["run_id"],
+                                    budget_per_class=config.budget_per_class, seed=config.seed,
+                                    overwrite=True)
+    selected = run_selection(selection_config, workspace)
+    report = workspace.path("selections", selected["selection_id"], "report.html")
+    result = {"demo": demo, "collection": name, "ingest": ingested, "embedding": embedded,
+              "selection": {k: v for k, v in selected.items() if k != "metadata"},
+              "report": report}
     if demo:
         result["notice"] = DEMO_NOTICE
-    _say(f"done: {ingested['ingested']} images in collection {name!r}, embeddings in run "
-         f"{embedded['run_id']!r} ({embedded['dim']}-d)")
+    _say(f"done: {ingested['ingested']} images in collection {name!r}; embeddings "
+         f"{embedded['run_id']!r}; selected {selected['selected']} images into selection "
+         f"{selected['selection_id']!r}; report {report}")
     return result

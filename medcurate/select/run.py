@@ -1,0 +1,215 @@
+"""A selection run: embeddings + collection metadata → ``selections/<id>/``.
+
+Writes ``selection.parquet`` (id, label, split, group, rank, reason, strata columns),
+``map.parquet`` (every image's 2-D position and group, where the strategy builds a map),
+``summary.json`` (archive vs selection counts per class, group and metadata value),
+``report.html`` and the provenance sidecar, all published together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from medcurate.config import SelectConfig
+from medcurate.embed import load_embeddings
+from medcurate.errors import MedcurateError
+from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.ingest.sources import CORE_COLUMNS
+from medcurate.provenance import InputRef, Provenance, utc_now
+from medcurate.report import write_report
+from medcurate.select import select, strategy_params
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+
+SELECTION_FILE = "selection.parquet"
+MAP_FILE = "map.parquet"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+MAX_REPORT_VALUES = 20  # metadata columns with more distinct values are not charted
+MISSING = "(missing)"
+
+
+def default_selection_id(config: SelectConfig, collection: str) -> str:
+    digest = hashlib.sha256(json.dumps(config.model_dump(exclude={"overwrite"}),
+                                       sort_keys=True).encode()).hexdigest()[:8]
+    return f"{collection}-{config.strategy}-n{config.budget_per_class}-s{config.seed}-{digest}"
+
+
+def ray_transform_map(fn, chunks: list) -> list:
+    """Run ``fn`` over chunks as Ray tasks: UMAP transform of a million points in parallel."""
+    import ray
+
+    from medcurate.runtime import ensure_ray
+
+    ensure_ray()
+    fn_ref = ray.put(fn)
+    apply = ray.remote(lambda f, chunk: f(chunk))
+    return ray.get([apply.remote(fn_ref, chunk) for chunk in chunks])
+
+
+def _values(table: pa.Table, column: str) -> np.ndarray:
+    return np.array([MISSING if v is None else str(v) for v in table.column(column).to_pylist()],
+                    dtype=object)
+
+
+def report_columns(metadata: pa.Table, stratify_by: list[str]) -> list[str]:
+    """Metadata worth charting: the strata, then categorical columns of few distinct values."""
+    columns = list(stratify_by)
+    for name in ["split", *metadata.column_names]:
+        if name in columns or (name in CORE_COLUMNS and name != "split"):
+            continue
+        if name in ("window_center", "window_width") or name not in metadata.column_names:
+            continue
+        field = metadata.schema.field(name)
+        if not (pa.types.is_string(field.type) or pa.types.is_integer(field.type)
+                or pa.types.is_boolean(field.type) or pa.types.is_dictionary(field.type)):
+            continue
+        distinct = len(set(metadata.column(name).to_pylist()))
+        if 2 <= distinct <= MAX_REPORT_VALUES:
+            columns.append(name)
+    return columns
+
+
+def _counts(values: np.ndarray, selected: np.ndarray) -> dict[str, dict[str, int]]:
+    archive, picked = Counter(values.tolist()), Counter(values[selected].tolist())
+    return {str(k): {"archive": archive[k], "selected": picked.get(k, 0)}
+            for k in sorted(archive, key=str)}
+
+
+def build_summary(config: SelectConfig, labels: np.ndarray, selected: np.ndarray,
+                  point_groups: np.ndarray | None, metadata: dict[str, np.ndarray],
+                  notes: list[str]) -> dict:
+    """Archive vs selection counts per class, per (class, group) and per metadata value."""
+    summary = {"strategy": config.strategy, "budget_per_class": config.budget_per_class,
+               "seed": config.seed, "images": int(len(labels)), "selected": int(selected.sum()),
+               "classes": _counts(labels, selected), "notes": notes}
+    if point_groups is not None:
+        summary["groups"] = {str(label): _counts(point_groups[labels == label].astype(str),
+                                                 selected[labels == label])
+                             for label in sorted(set(labels.tolist()), key=str)}
+    summary["metadata"] = {column: _counts(values, selected) for column, values in metadata.items()}
+    return summary
+
+
+def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> dict:
+    """Select from an embedding run and publish ``selections/<id>/``; returns the summary."""
+    workspace = workspace or Workspace()
+    started = utc_now()
+    workspace.require("embeddings", config.embedding_run)
+    run_record = workspace.provenance("embeddings", config.embedding_run)
+    collection = run_record["summary"]["collection"]
+    selection_id = config.selection_id or default_selection_id(config, collection)
+    if workspace.exists("selections", selection_id) and not config.overwrite:
+        raise MedcurateError(f"selection {selection_id!r} already exists; pass --overwrite or "
+                             "--selection-id NEW")
+    params = config.strategy_params()
+    accepted = strategy_params(config.strategy)
+    unused = sorted(set(params) - set(accepted))
+    if unused:
+        raise MedcurateError(f"strategy {config.strategy} takes no "
+                             f"{', '.join('--' + n.replace('_', '-') for n in unused)}")
+    if "transform_map" in accepted:
+        params["transform_map"] = ray_transform_map
+    rows, X = load_embeddings(workspace, config.embedding_run)
+    manifest = read_manifest(workspace, collection)
+    metadata = manifest.take(rows.column("row"))
+    missing = [c for c in config.stratify_by if c not in metadata.column_names]
+    if missing:
+        raise MedcurateError(f"--stratify-by: collection {collection!r} has no column "
+                             f"{', '.join(missing)}; columns: {', '.join(metadata.column_names)}")
+    labels = np.array(rows.column("label").to_pylist(), dtype=object)
+    if any(label is None for label in labels):
+        raise MedcurateError(f"collection {collection!r} has unlabeled images; selection keeps a "
+                             "budget per class, so every image needs a label")
+    labels = labels.astype(str)
+    strata = None
+    if config.stratify_by:
+        parts = [_values(metadata, c) for c in config.stratify_by]
+        strata = np.array(["|".join(f"{c}={v}" for c, v in zip(config.stratify_by, values))
+                           for values in zip(*parts)], dtype=object)
+    result = select(config.strategy, X, labels, config.budget_per_class, seed=config.seed,
+                    strata=strata, min_per_stratum=config.min_per_stratum, **params)
+    chosen = np.asarray(result.indices, dtype=np.int64)
+    selected = np.zeros(len(labels), dtype=bool)
+    selected[chosen] = True
+    chart_columns = report_columns(metadata, config.stratify_by)
+    chart_values = {c: _values(metadata, c) for c in chart_columns}
+    notes = list(result.info.get("notes", []))
+    summary = build_summary(config, labels, selected, result.point_groups, chart_values, notes)
+    summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
+                   collection=collection)
+
+    ids = rows.column("id")
+    ranks = _ranks_within_class(labels[chosen])
+    table = pa.table({
+        "id": ids.take(pa.array(chosen)),
+        "label": pa.array(labels[chosen].tolist(), pa.string()),
+        "split": rows.column("split").take(pa.array(chosen)),
+        "group": pa.array(np.asarray(result.group, dtype=np.int64)),
+        "rank": pa.array(ranks, pa.int32()),
+        "reason": pa.array(list(result.reason), pa.string()),
+    })
+    for column in config.stratify_by:
+        table = table.append_column(column, pa.array(chart_values[column][chosen].tolist(),
+                                                     pa.string()))
+    with workspace.stage("selections", selection_id, overwrite=config.overwrite) as staging:
+        workspace.write_table(f"{staging}/{SELECTION_FILE}", table)
+        if result.coords is not None:
+            workspace.write_table(f"{staging}/{MAP_FILE}", pa.table({
+                "id": ids, "label": pa.array(labels.tolist(), pa.string()),
+                "x": pa.array(result.coords[:, 0], pa.float32()),
+                "y": pa.array(result.coords[:, 1], pa.float32()),
+                "group": pa.array(result.point_groups, pa.int64()),
+                "selected": pa.array(selected)}))
+        workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
+        workspace.write_bytes(f"{staging}/{REPORT_FILE}", write_report(
+            summary, labels, selected, result.coords, result.point_groups, X,
+            title=f"Selection {selection_id}", model=run_record.get("model") or {}))
+        record = Provenance(
+            kind="selection", key=selection_id, started_at=started,
+            config=config.model_dump(), seed=config.seed, model=run_record.get("model"),
+            inputs=[InputRef(role="embedding_run", uri=config.embedding_run,
+                             sha256=_digest_outputs(run_record)),
+                    InputRef(role="collection", uri=collection,
+                             sha256=workspace.provenance("collections", collection)
+                             ["outputs"][MANIFEST_FILE]["sha256"])],
+            summary={**{k: v for k, v in summary.items() if k != "metadata"},
+                     "strategy_info": _json_ready(result.info)})
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+    return summary
+
+
+def _ranks_within_class(labels: np.ndarray) -> list[int]:
+    seen: Counter = Counter()
+    ranks = []
+    for label in labels.tolist():
+        ranks.append(seen[label])
+        seen[label] += 1
+    return ranks
+
+
+def _digest_outputs(record: dict) -> str:
+    """One hash over a run's output hashes: changes whenever any shard changes."""
+    outputs = record.get("outputs", {})
+    text = "\n".join(f"{name}:{outputs[name]['sha256']}" for name in sorted(outputs))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def read_selection(workspace: Workspace, selection_id: str) -> pa.Table:
+    return workspace.read_table(f"{workspace.require('selections', selection_id)}/{SELECTION_FILE}")
