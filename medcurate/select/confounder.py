@@ -18,6 +18,8 @@ measures in the embedding instead, for maps too distorted to trust.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from medcurate import backends
@@ -33,12 +35,17 @@ DISTANCE_SPACES = ("map", "embedding")
 def class_groups(Xc: np.ndarray, *, seed: int, pca_dims: int, n_neighbors: int,
                  min_dist: float, method: str, cluster_params: dict | None, fit_sample: int,
                  transform_map: TransformMap | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One class's 2-D map and groups: ``(coords [n, 2], groups [n], info)``."""
+    """One class's 2-D map and groups: ``(coords [n, 2], groups [n], info)``; ``info`` keeps
+    each stage's parameters and wall seconds, for provenance and the scale benchmark."""
+    start = time.perf_counter()
     coords, reduce_info = reduce_to_2d(Xc, pca_dims=pca_dims, n_neighbors=n_neighbors,
                                        min_dist=min_dist, seed=seed, fit_sample=fit_sample,
                                        transform_map=transform_map)
+    reduced = time.perf_counter()
     groups, cluster_info = find_groups(coords, method=method, params=cluster_params, seed=seed)
-    return coords, groups, {"reduce": reduce_info, "cluster": cluster_info}
+    seconds = {"reduce": round(reduced - start, 3),
+               "cluster": round(time.perf_counter() - reduced, 3)}
+    return coords, groups, {"reduce": reduce_info, "cluster": cluster_info, "seconds": seconds}
 
 
 def group_label(group: int, size: int, noise_group: int | None) -> str:

@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from medcurate import backends
 from medcurate.config import SelectConfig
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
@@ -112,7 +113,8 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     if unused:
         raise MedcurateError(f"strategy {config.strategy} takes no "
                              f"{', '.join('--' + n.replace('_', '-') for n in unused)}")
-    if "transform_map" in accepted:
+    if "transform_map" in accepted and backends.backend_name() == "cpu":
+        # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
         params["transform_map"] = ray_transform_map
     rows, X = load_embeddings(workspace, config.embedding_run)
     manifest = read_manifest(workspace, collection)
@@ -141,7 +143,7 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     notes = list(result.info.get("notes", []))
     summary = build_summary(config, labels, selected, result.point_groups, chart_values, notes)
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
-                   collection=collection)
+                   collection=collection, backend=backends.backend_name())
 
     ids = rows.column("id")
     ranks = _ranks_within_class(labels[chosen])
