@@ -15,11 +15,9 @@ import csv
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from medcurate.config import EmbedConfig, IngestConfig
@@ -30,35 +28,9 @@ from medcurate.models import create_encoder, preprocess_batch
 from medcurate.runtime import ensure_ray
 from medcurate.workspace import Workspace
 
+from _memory import PeakMemory  # noqa: E402  (bench/ sibling module)
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-class PeakMemory:
-    """Peak resident memory of this process and all its children (Ray workers included)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def plain_loop(manifest, model: str, batch_size: int, gpu: bool) -> dict:
@@ -131,8 +103,8 @@ def main() -> None:
         "model": args.model, "images": len(picked), "batch_size": args.batch_size,
         "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{os.cpu_count()}",
         "ray_init_s": round(ray_init_s, 2),
-        "ray_pipeline": {**ray_result, "peak_rss_gib": round(ray_memory.peak / 2**30, 2)},
-        "plain_loop": {**plain, "peak_rss_gib": round(plain_memory.peak / 2**30, 2)},
+        "ray_pipeline": {**ray_result, "peak_rss_gib": ray_memory.gib},
+        "plain_loop": {**plain, "peak_rss_gib": plain_memory.gib},
         "steady_ratio_ray_over_plain": round(ratio, 3),
     }
     print(json.dumps(report, indent=2))
