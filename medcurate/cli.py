@@ -12,7 +12,7 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.config import CurateConfig, EmbedConfig, IngestConfig, SelectConfig
+from medcurate.config import CurateConfig, EmbedConfig, IngestConfig, ScoreConfig, SelectConfig
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -135,6 +135,17 @@ def curate_command(config: CurateConfig, workspace: Workspace) -> dict:
     from medcurate.curate import curate
 
     return curate(config, workspace)
+
+
+@config_command(app, "score", ScoreConfig,
+                "Rank a zoo of pretrained models for a target collection without fine-tuning: "
+                "the paper's LP x FU score and 11 baseline metrics, as a table and CSV/JSON.")
+def score_command(config: ScoreConfig, workspace: Workspace) -> dict:
+    from medcurate.transfer.score import format_table, score
+
+    document = score(config, workspace)
+    typer.echo(format_table(document), err=True)
+    return document
 
 
 @collections_app.command("list")

@@ -177,3 +177,41 @@ class SelectConfig(CommandConfig):
     def strategy_params(self) -> dict:
         names = ("method", "within", "pca_dims", "n_neighbors", "min_dist", "fit_sample")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class ScoreConfig(CommandConfig):
+    """Rank a zoo of pretrained encoders for a target collection without fine-tuning."""
+
+    target: str = argument("Collection to rank the zoo for; a class-stratified probe of its "
+                           "'train' split (every image where it has no splits) is scored.")
+    zoo: str = Field(..., description="YAML file listing the candidate models: entries with "
+                     "name, model (an encoder spec) and optional weights.")
+    metrics: list[str] = Field(default_factory=lambda: ["all"], description="'all', or a comma "
+                               "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
+                               "sfda, parc, ncti, gbc, transrate; NAME:VARIANT picks a published "
+                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical).")
+    per_class: int = Field(100, ge=1, description="Probe images per class (a smaller class is "
+                           "taken whole).")
+    seed: int = Field(24, description="Seed of the probe sample (24, as in the paper).")
+    score_id: str | None = Field(None, description="Key of the result (default: derived from the "
+                                 "target's content, the zoo, the metrics and the probe; the same "
+                                 "command reuses a finished result).")
+    overwrite: bool = Field(False, description="Recompute an existing result of this id.")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return [part.strip() for item in value or [] for part in str(item).split(",")
+                if part.strip()]
+
+    @field_validator("target", "score_id")
+    @classmethod
+    def _valid_keys(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
+
+    @field_validator("zoo")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute_location(value)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from medcurate.errors import MedcurateError
 
-ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "jobs")
+ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "jobs", "scores")
 PROVENANCE_FILE = "provenance.json"
 STAGING_DIR = ".staging"
 DEFAULT_WORKSPACE = "./medcurate-workspace"

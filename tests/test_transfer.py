@@ -1,0 +1,295 @@
+"""Transferability metrics: their defining properties, the paper's LP/FU, the zoo file, and the
+reproduction of the published evaluation of Juodelyte et al. from their result tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medcurate.errors import MedcurateError
+from medcurate.transfer import metrics as m
+from medcurate.transfer.evaluate import (PAPER, evaluate_published, metric_agreement,
+                                         rank_metrics, read_rank_table)
+from medcurate.transfer.paper import fu_score, lp_score, paper_score, triplet_margin_loss
+from medcurate.transfer.score import METRICS, parse_metrics, probe_indices
+from medcurate.transfer.zoo import load_zoo, source_classifier
+
+torch.set_num_threads(2)
+REFERENCE = (Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+             / "transferability-in-medical-imaging")
+
+FEATURE_METRICS = {
+    "logme": m.logme, "nleep": m.nleep, "hscore": m.hscore, "hscore-reg": m.regularized_hscore,
+    "sfda": m.sfda, "parc": m.parc, "gbc": m.gbc, "transrate": m.transrate, "lp": lp_score,
+    "ncti-ncc": lambda f, y: m.ncti_terms(f, y)[1],
+}
+SOURCE_METRICS = {"leep": m.leep, "leep:prob": lambda p, y: m.leep(p, y, "prob"), "nce": m.nce}
+
+
+def _clusters(seed: int = 1, n: int = 150, d: int = 10, classes: int = 3, shift: float = 3.0):
+    """Gaussian features whose class means differ: labels are predictable from them."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n // classes)
+    features = rng.normal(size=(n, d)) + shift * np.eye(classes, d)[labels]
+    return features, labels, rng
+
+
+def _source_probs(labels: np.ndarray, rng, source_classes: int = 7) -> np.ndarray:
+    """Noisy source-task predictions that carry information about the labels."""
+    logits = rng.normal(size=(labels.size, source_classes))
+    logits[np.arange(labels.size), labels] += 2.0
+    return m.softmax(logits)
+
+
+# -- defining properties ---------------------------------------------------------------------------
+@pytest.mark.parametrize("classes", [2, 5])
+def test_leep_of_perfect_source_predictions_is_zero(classes):
+    labels = np.random.default_rng(0).integers(0, classes, 200)
+    perfect = np.eye(classes)[labels]
+    assert m.leep(perfect, labels) == pytest.approx(0.0, abs=1e-9)
+    assert m.leep(perfect, labels, variant="prob") == pytest.approx(1.0)
+    assert m.nce(perfect, labels) == pytest.approx(0.0, abs=1e-12)
+    # More source classes than target classes, each source class inside one target class.
+    finer = np.eye(2 * classes)[2 * labels + np.arange(labels.size) % 2]
+    assert m.leep(finer, labels) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("classes", [2, 4, 10])
+def test_leep_of_uniform_source_predictions_is_log_one_over_c(classes):
+    labels = np.repeat(np.arange(classes), 30)
+    uniform = np.full((labels.size, 50), 1 / 50)
+    assert m.leep(uniform, labels) == pytest.approx(np.log(1 / classes))
+    assert m.leep(uniform, labels, variant="prob") == pytest.approx(1 / classes)
+    assert m.nce(uniform, labels) == pytest.approx(np.log(1 / classes))
+
+
+def test_hscore_of_random_features_is_near_zero():
+    rng = np.random.default_rng(3)
+    features, labels = rng.normal(size=(4000, 8)), rng.integers(0, 3, 4000)
+    assert abs(m.hscore(features, labels)) < 0.02
+    assert abs(m.regularized_hscore(features, labels)) < 0.02
+    informative, labels, _ = _clusters()
+    assert m.hscore(informative, labels) > 1.0  # at most C - 1 = 2
+
+
+def test_gbc_stays_within_its_bounds():
+    classes = 4
+    separated, labels, rng = _clusters(classes=classes, n=200, shift=30.0)
+    identical = rng.normal(size=(4000, 6))
+    same_labels = np.arange(4000) % classes
+    floor = -classes * (classes - 1)
+    for variant in m.GBC_VARIANTS:
+        far = m.gbc(separated, labels, variant=variant)
+        overlapping = m.gbc(identical, same_labels, variant=variant)
+        assert floor <= overlapping < far <= 0
+        assert far == pytest.approx(0.0, abs=1e-6)
+        assert overlapping == pytest.approx(floor, rel=0.01)
+
+
+def test_logme_is_larger_for_separable_than_for_shuffled_labels():
+    features, labels, rng = _clusters()
+    assert m.logme(features, labels) > m.logme(features, rng.permutation(labels)) + 0.2
+    # Also where the probe has fewer samples than feature dimensions (the usual case).
+    wide, labels, rng = _clusters(n=60, d=300)
+    assert m.logme(wide, labels) > m.logme(wide, rng.permutation(labels))
+
+
+@pytest.mark.parametrize("name", list(FEATURE_METRICS))
+def test_feature_metrics_rank_informative_features_above_shuffled_labels(name):
+    features, labels, rng = _clusters()
+    metric = FEATURE_METRICS[name]
+    assert metric(features, labels) > metric(features, rng.permutation(labels))
+
+
+@pytest.mark.parametrize("name", list(SOURCE_METRICS))
+def test_source_metrics_rank_informative_predictions_above_shuffled_labels(name):
+    _, labels, rng = _clusters()
+    probs, metric = _source_probs(labels, rng), SOURCE_METRICS[name]
+    assert metric(probs, labels) > metric(probs, rng.permutation(labels))
+
+
+@pytest.mark.parametrize("name", [*FEATURE_METRICS, *SOURCE_METRICS, "ncti-terms"])
+def test_every_metric_ignores_the_order_of_samples(name):
+    features, labels, rng = _clusters(n=90, d=20)
+    labels = np.array(["benign", "malignant", "normal"])[labels]  # any label values
+    if name in SOURCE_METRICS:
+        matrix, metric = _source_probs(np.unique(labels, return_inverse=True)[1], rng), \
+            SOURCE_METRICS[name]
+    else:
+        matrix, metric = features, FEATURE_METRICS.get(name, m.ncti_terms)
+    order = rng.permutation(labels.size)
+    assert np.allclose(metric(matrix, labels), metric(matrix[order], labels[order]),
+                       rtol=1e-9, atol=1e-12)
+
+
+def test_ncti_combines_terms_across_the_zoo_with_either_sign():
+    terms = [[10.0, 0.9, 2.0], [5.0, 0.5, 1.0], [0.0, 0.7, 3.0]]
+    # Normalised across the three models: seli [1, .5, 0], ncc [1, 0, .5], vc [.5, 0, 1].
+    assert np.allclose(m.ncti(terms), [1 + 1 - 0.5, 0.5 + 0 - 0, 0 + 0.5 - 1])
+    assert np.allclose(m.ncti(terms, "plus"), [1 + 1 + 0.5, 0.5 + 0 + 0, 0 + 0.5 + 1])
+    with pytest.raises(MedcurateError, match="variant"):
+        m.ncti(terms, "times")
+
+
+def test_bad_metric_input_is_a_clear_error():
+    features, labels, _ = _clusters()
+    with pytest.raises(MedcurateError, match="two target classes"):
+        m.logme(features, np.zeros(len(labels)))
+    with pytest.raises(MedcurateError, match="one row per label"):
+        m.parc(features[:-1], labels)
+    with pytest.raises(MedcurateError, match="variants: log, prob"):
+        m.leep(np.full((len(labels), 3), 1 / 3), labels, variant="ln")
+    with pytest.raises(MedcurateError, match="NaN"):
+        m.transrate(np.where(features > 2, np.nan, features), labels)
+
+
+# -- the paper's LP and FU -------------------------------------------------------------------------
+def test_lp_handles_features_with_fewer_dimensions_than_components():
+    features, labels, rng = _clusters(d=3)
+    assert 0.9 < lp_score(features, labels) <= 1.0
+    assert lp_score(features, rng.permutation(labels)) < 0.7
+
+
+def test_triplet_loss_averages_the_non_zero_triplets():
+    # Unit vectors at angles 0, 10, 90 and 180 degrees; labels a, a, b, b.
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 90.0, 180.0]))
+    points = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1) * 3  # scale is ignored
+    labels = torch.tensor([0, 0, 1, 1])
+
+    def distance(i: int, j: int) -> float:
+        return float(torch.dist(points[i] / 3, points[j] / 3))
+
+    valid = [(a, p, n) for a in range(4) for p in range(4) for n in range(4)
+             if a != p and labels[a] == labels[p] and labels[n] != labels[a]]
+    losses = [max(distance(a, p) - distance(a, n) + 0.05, 0.0) for a, p, n in valid]
+    expected = np.mean([loss for loss in losses if loss > 0])
+    assert float(triplet_margin_loss(points, labels)) == pytest.approx(expected, rel=1e-5)
+    apart = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0], [-1.0, 0.01]])
+    assert triplet_margin_loss(apart, labels) is None  # every triplet already satisfied
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def test_fu_is_the_ratio_of_second_to_first_layer_gradient_norms():
+    torch.manual_seed(1)
+    images, labels = torch.randn(36, 3, 12, 12), np.arange(36) % 3
+    net = _tiny_cnn()
+    value = fu_score(net, "0", "2", lambda idx: images[idx], labels, chunk=4)
+    # The same by hand: whole batches of 36 // 6 = 6 images, one backward pass each.
+    norms = []
+    for start in range(0, 36, 6):
+        net.zero_grad()
+        loss = triplet_margin_loss(net(images[start:start + 6]),
+                                   torch.as_tensor(labels[start:start + 6]))
+        if loss is not None:
+            loss.backward()
+            norms.append([float(net[0].weight.grad.norm()), float(net[2].weight.grad.norm())])
+    expected = np.mean(norms, axis=0)
+    assert value == pytest.approx(expected[1] / expected[0], rel=1e-4)
+    with torch.no_grad():  # cached features (as the embedding pipeline keeps them) give the same
+        cached = net(images).numpy()
+    assert fu_score(net, "0", "2", lambda idx: images[idx], labels, embeddings=cached) == \
+        pytest.approx(value, rel=1e-4)
+    with pytest.raises(MedcurateError, match="at least 18"):
+        fu_score(net, "0", "2", lambda idx: images[idx], labels[:12])
+
+
+def test_paper_score_is_the_product_of_min_max_normalised_parts():
+    assert np.allclose(paper_score([0.5, 0.7, 0.9], [3.0, 1.0, 2.0]), [0.0, 0.0, 0.5])
+    assert np.isnan(paper_score([0.5, 0.5], [1.0, 2.0])).all()  # LP cannot tell them apart
+
+
+# -- published tables ------------------------------------------------------------------------------
+PUBLISHED_TAU = {"bloodmnist": 0.777388, "breastmnist": 0.440759, "dermamnist": 0.701932,
+                 "octmnist": 0.452072, "organamnist": 0.566029, "organcmnist": 0.108590,
+                 "organsmnist": 0.219208, "pathmnist": 0.615297, "pneumoniamnist": 0.612253,
+                 "retinamnist": 0.602210, "tissuemnist": 0.652513}
+
+
+@pytest.fixture(scope="module")
+def published():
+    if not (REFERENCE / "lp_dataset.csv").is_file():
+        pytest.skip(f"{REFERENCE} is absent: the published result tables of Juodelyte et al. "
+                    "are needed to reproduce their evaluation")
+    return evaluate_published(REFERENCE, "dataset")
+
+
+def test_reproduces_the_papers_weighted_tau_per_target(published):
+    assert {t: round(v, 6) for t, v in published[PAPER].items()} == PUBLISHED_TAU
+
+
+def test_reproduces_the_published_rank_table_of_metrics(published):
+    assert rank_metrics(published) == read_rank_table(REFERENCE / "ktau_dataset_rank.csv")
+
+
+# -- metric agreement, probe, zoo and metric names -------------------------------------------------
+def test_metric_agreement_is_kendall_tau_between_metrics():
+    values = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([3.0, 2.0, 1.0]),
+              "c": np.array([np.nan, 1.0, np.nan])}
+    matrix = metric_agreement(values)
+    assert matrix["a"]["a"] == 1.0 and matrix["a"]["b"] == -1.0
+    assert matrix["a"]["c"] is None  # one model scored by both: no ranking to compare
+
+
+def test_probe_is_stratified_seeded_and_mixes_classes():
+    labels = ["a"] * 50 + ["b"] * 50 + ["c"] * 5 + [None] * 3 + ["a"] * 20
+    splits = ["train"] * 108 + ["test"] * 20
+    first = probe_indices(labels, splits, per_class=10, seed=24)
+    assert np.array_equal(first, probe_indices(labels, splits, per_class=10, seed=24))
+    assert not np.array_equal(np.sort(first), np.sort(probe_indices(labels, splits, 10, 25)))
+    picked = [labels[i] for i in first]
+    assert sorted(picked) == ["a"] * 10 + ["b"] * 10 + ["c"] * 5  # a small class taken whole
+    assert all(splits[i] == "train" for i in first)
+    assert picked[:10] != sorted(picked[:10])  # not class by class: FU batches mix classes
+
+
+def test_parse_metrics_names_variants_and_rejects_unknown_ones():
+    assert [r.column for r in parse_metrics(["all"])] == list(METRICS)
+    requests = parse_metrics(["lp", "leep:prob", "leep:log", "ncti:plus", "lp"])
+    assert [r.column for r in requests] == ["lp", "leep:prob", "leep", "ncti:plus"]
+    with pytest.raises(MedcurateError, match="unknown metric 'accuracy'"):
+        parse_metrics(["accuracy"])
+    with pytest.raises(MedcurateError, match="its variants: minus, plus"):
+        parse_metrics(["ncti:times"])
+    with pytest.raises(MedcurateError, match="no variants"):
+        parse_metrics(["logme:fast"])
+
+
+def test_zoo_file_resolves_paths_and_rejects_bad_entries(tmp_path):
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - {name: a, model: mobilenetv2-imagenet, weights: w/a.pth}\n"
+                   "  - {name: b, model: 'mae:ckpt/b.pt'}\n")
+    entries = load_zoo(str(zoo))
+    assert entries[0].weights == str(tmp_path / "w" / "a.pth")
+    assert entries[1].model == f"mae:{tmp_path / 'ckpt' / 'b.pt'}"
+    cases = {
+        "- {name: a, model: x}\n- {name: a, model: y}\n": "unique",
+        "- {name: a, model: x}\n": "ranking needs two",
+        "- {name: a, model: x, preprocessing: {size: 64}}\n- {name: b, model: y}\n":
+            r"unknown key\(s\) preprocessing",
+        "- {name: a}\n- {name: b, model: y}\n": "non-empty string 'model'",
+        "models: [a, b\n": "not valid YAML",
+        "just text\n": "must hold a list",
+    }
+    for text, message in cases.items():
+        zoo.write_text(text)
+        with pytest.raises(MedcurateError, match=message):
+            load_zoo(str(zoo))
+    with pytest.raises(MedcurateError, match="zoo file not found"):
+        load_zoo(str(tmp_path / "missing.yaml"))
+
+
+def test_source_classifier_is_the_imagenet_head_or_none():
+    from medcurate.models import create_encoder
+
+    weight, bias = source_classifier(create_encoder("mobilenetv2-imagenet"))
+    assert weight.shape == (1000, 1280) and bias.shape == (1000,)
+    assert source_classifier(create_encoder("random/mobilenetv2")) is None

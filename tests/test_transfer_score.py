@@ -1,0 +1,162 @@
+"""``medcurate score`` end to end on BreastMNIST with four real encoders, and its bad input
+through the real command line (a clear error before any work, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medcurate.config import IngestConfig, ScoreConfig
+from medcurate.errors import MedcurateError
+from medcurate.ingest import ingest
+from medcurate.models.mae import build_mae, save_checkpoint
+from medcurate.transfer.score import (AGREEMENT_CSV, NO_SOURCE, SCORES_CSV, SCORES_JSON,
+                                      format_table, score)
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+
+MEDCURATE = Path(sys.executable).with_name("medcurate")
+IMAGENET = ("mobilenetv2-imagenet", "efficientnet-lite0-imagenet")
+NO_HEAD = ("mobilenetv2-random", "mae-tiny-random-init")
+PER_CLASS = 30
+ZOO = """models:
+  - {name: mobilenetv2-imagenet, model: mobilenetv2-imagenet}
+  - {name: efficientnet-lite0-imagenet, model: efficientnet-lite0-imagenet}
+  - {name: mobilenetv2-random, model: random/mobilenetv2}
+  - {name: mae-tiny-random-init, model: "mae:mae-tiny-random-init.pt"}
+"""
+
+
+@pytest.fixture(scope="module")
+def breast(tmp_path_factory, shared_data, ray_session):
+    """BreastMNIST ingested, a zoo file of four encoders, and one scoring of the zoo."""
+    root = tmp_path_factory.mktemp("score")
+    workspace = Workspace(str(root / "ws"))
+    ingest(IngestConfig(source=str(shared_data / "breastmnist" / "breastmnist.npz"),
+                        name="breast"), workspace)
+    # A random-init MAE stands in for a pretrained one: pretraining is far too slow for a test.
+    torch.manual_seed(0)
+    save_checkpoint(build_mae("mae-vit-tiny", img_size=64, patch_size=8, in_chans=1, depth=2),
+                    root / "mae-tiny-random-init.pt", {"note": "random init, not pretrained"})
+    zoo = root / "zoo.yaml"
+    zoo.write_text(ZOO)
+    config = ScoreConfig(target="breast", zoo=str(zoo), per_class=PER_CLASS)
+    return workspace, config, score(config, workspace)
+
+
+def test_every_metric_is_finite_for_every_model(breast):
+    _, _, document = breast
+    assert document["reused"] is False
+    assert len(document["metrics"]) == 14  # the paper's score, LP, FU and 11 baselines
+    for row in document["models"]:
+        for metric, value in row["values"].items():
+            if row["model"] in NO_HEAD and metric in ("leep", "nce"):
+                assert value is None and row["notes"][metric] == NO_SOURCE
+            else:
+                assert value is not None and np.isfinite(value), (row["model"], metric)
+
+
+def test_ranking_is_a_permutation_and_imagenet_features_beat_random_init(breast):
+    _, _, document = breast
+    models = {row["model"]: row for row in document["models"]}
+    assert sorted(document["ranking"]) == sorted(models)
+    assert [row["rank"] for row in document["models"]] == [1, 2, 3, 4]
+    assert [row["model"] for row in document["models"]] == document["ranking"]
+    scores = [row["values"]["score"] for row in document["models"]]
+    assert scores == sorted(scores, reverse=True)
+    for pretrained in IMAGENET:
+        for random_init in NO_HEAD:
+            assert models[pretrained]["values"]["lp"] > models[random_init]["values"]["lp"]
+    # Measured here: the ImageNet models rank first and second, both random inits score 0.
+    assert set(document["ranking"][:2]) == set(IMAGENET)
+
+
+def test_probe_is_a_stratified_sample_of_the_training_split(breast):
+    workspace, _, document = breast
+    probe = document["probe"]
+    assert probe["images"] == 2 * PER_CLASS and probe["classes"] == {"0": 30, "1": 30}
+    manifest = workspace.read_table(f"{workspace.path('collections', probe['collection'])}/"
+                                    "manifest.parquet")
+    assert set(manifest.column("split").to_pylist()) == {"train"}
+    for row in document["models"]:  # features cached through the embedding pipeline
+        assert workspace.exists("embeddings", row["embedding_run"])
+
+
+def test_outputs_are_written_and_agree(breast):
+    workspace, _, document = breast
+    folder = Path(workspace.path("scores", document["score_id"]))
+    written = json.loads((folder / SCORES_JSON).read_text())
+    assert written == {k: v for k, v in document.items() if k != "reused"}
+    with open(folder / SCORES_CSV, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows] == document["ranking"]
+    for row, expected in zip(rows, document["models"]):
+        for metric, value in expected["values"].items():
+            assert (row[metric] == "" if value is None else float(row[metric]) == value)
+    with open(folder / AGREEMENT_CSV, newline="") as handle:
+        agreement = {r["metric"]: r for r in csv.DictReader(handle)}
+    assert float(agreement["lp"]["lp"]) == 1.0
+    assert agreement["score"]["lp"] == agreement["lp"]["score"]  # symmetric
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    for name, ref in record["outputs"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == ref["sha256"]
+    table = format_table(document)
+    assert all(name in table for name in document["ranking"]) and "agreement" in table
+
+
+def test_same_command_reuses_the_finished_result(breast):
+    workspace, config, document = breast
+    again = score(config, workspace)
+    assert again["reused"] is True and again["ranking"] == document["ranking"]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def run_score(workspace: Workspace, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(MEDCURATE), "score", *args, "--workspace", workspace.root],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_bad_input_is_a_clear_error_before_any_work(breast, tmp_path):
+    workspace, config, _ = breast
+    one_class = tmp_path / "one-class.npz"
+    images = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
+    np.savez(one_class, train_images=images, train_labels=np.zeros((20, 1), np.uint8))
+    ingest(IngestConfig(source=str(one_class), name="one-class"), workspace)
+    before = {kind: workspace.list(kind) for kind in ("collections", "embeddings", "scores")}
+    unknown_model = tmp_path / "unknown.yaml"
+    unknown_model.write_text(ZOO.replace("random/mobilenetv2", "no-such-model"))
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("models: [{name: a, model: x}\n")
+    cases = [
+        ({"metrics": ["lp", "accuracy"]}, "unknown metric 'accuracy'"),
+        ({"metrics": ["ncti:times"]}, "no variant 'times'"),
+        ({"zoo": str(unknown_model)}, "unknown encoder spec 'no-such-model'"),
+        ({"zoo": str(tmp_path / "missing.yaml")}, "zoo file not found"),
+        ({"zoo": str(invalid)}, "not valid YAML"),
+        ({"target": "one-class"}, "1 labelled class(es)"),
+        ({"target": "no-such-collection"}, "no collection named 'no-such-collection'"),
+    ]
+    for change, fragment in cases:
+        with pytest.raises(MedcurateError) as error:
+            score(config.model_copy(update=change), workspace)
+        assert fragment in str(error.value) and "\n" not in str(error.value)
+    # The command line shows such an error as one line and exits non-zero, no traceback.
+    for args, fragment in [(["breast", "--zoo", config.zoo, "--metrics", "lp,accuracy"],
+                            "unknown metric 'accuracy'"),
+                           (["one-class", "--zoo", config.zoo], "1 labelled class(es)")]:
+        result = run_score(workspace, *args)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert before == {kind: workspace.list(kind) for kind in ("collections", "embeddings",
+                                                               "scores")}
