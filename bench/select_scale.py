@@ -121,7 +121,6 @@ def run_size(n: int, args) -> dict:
         results["naive: dense k-center, one class"] = f"does not fit: needs {need_gib:,.0f} GiB"
         print(f"  naive dense k-center, one class of {len(class_rows):,}: does not fit "
               f"(needs {need_gib:,.0f} GiB, {free_gib:.0f} GiB free)")
-    del X
     return results
 
 

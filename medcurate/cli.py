@@ -12,7 +12,8 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.config import CurateConfig, EmbedConfig, IngestConfig, ScoreConfig, SelectConfig
+from medcurate.config import (CurateConfig, EmbedConfig, IngestConfig, PretrainConfig,
+                              ScoreConfig, SelectConfig)
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -146,6 +147,15 @@ def score_command(config: ScoreConfig, workspace: Workspace) -> dict:
     document = score(config, workspace)
     typer.echo(format_table(document), err=True)
     return document
+
+
+@config_command(app, "pretrain", PretrainConfig,
+                "Pretrain a masked autoencoder (ViT) on a collection with Ray Train; the "
+                "checkpoint lands in models/<name>/ and loads as the encoder mae:<path>.")
+def pretrain_command(config: PretrainConfig, workspace: Workspace) -> dict:
+    from medcurate.train.pretrain import pretrain
+
+    return pretrain(config, workspace)
 
 
 @collections_app.command("list")

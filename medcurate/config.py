@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medcurate.workspace import validate_key
 
@@ -215,3 +215,50 @@ class ScoreConfig(CommandConfig):
     @classmethod
     def _absolute(cls, value: str) -> str:
         return absolute_location(value)
+
+
+# The architectures of medcurate.models.mae.ARCHS (kept here so the CLI starts without torch;
+# a test checks the two agree).
+MaeArch = Literal["mae-vit-tiny", "mae-vit-small"]
+
+
+class PretrainConfig(CommandConfig):
+    collection: str = argument("Collection whose images to pretrain on (its 'train' split "
+                               "where the collection has splits, else every image).")
+    arch: MaeArch = Field("mae-vit-tiny", description="MAE architecture.")
+    img_size: int = Field(64, gt=0, description="Side of the square input, in pixels.")
+    patch_size: int = Field(8, gt=0, description="Side of a ViT patch; must divide img_size.")
+    in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (grey) or 3 (colour).")
+    epochs: int = Field(50, gt=0, description="Passes over the training images.")
+    batch_size: int = Field(64, gt=0, description="Images per step and worker.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    warmup_epochs: float = Field(2.0, ge=0, description="Epochs of linear learning-rate warmup "
+                                 "(a run shorter than this only warms up).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases "
+                                "and norms).")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="Share of patches masked.")
+    seed: int = Field(0, ge=0, description="Seed for initialisation, masking and sampling.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel).")
+    use_gpu: bool | None = Field(None, description="Train on GPUs; default: when Ray has GPUs.")
+    depth: int | None = Field(None, gt=0, description="Encoder depth override (quick runs).")
+    max_images: int | None = Field(None, gt=0, description="Train on a seeded random subset "
+                                   "of this many images (quick runs).")
+    name: str | None = Field(None, description="Name of the model to write; default "
+                             "<collection>-<arch>.")
+    overwrite: bool = Field(False, description="Replace an existing model of this name.")
+
+    @field_validator("collection", "name")
+    @classmethod
+    def _valid_key(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
+
+    @model_validator(mode="after")
+    def _patches_fit(self) -> PretrainConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.name or validate_key(f"{self.collection}-{self.arch}")

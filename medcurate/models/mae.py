@@ -191,7 +191,7 @@ class MAE(nn.Module):
 
 def build_mae(arch: str, img_size: int, patch_size: int, in_chans: int,
               **overrides: Any) -> MAE:
-    """An MAE of a named architecture; ``overrides`` may change e.g. ``depth``, ``mean``, ``std``."""
+    """An MAE of a named architecture; ``overrides`` change e.g. ``depth``, ``mean``, ``std``."""
     if arch not in ARCHS:
         raise MedcurateError(f"unknown MAE architecture {arch!r} (known: {', '.join(ARCHS)})")
     unknown = set(overrides) - _OVERRIDABLE - {"mean", "std"}

@@ -1,0 +1,262 @@
+"""Self-supervised MAE pretraining of a collection's images on Ray Train.
+
+Ray Data decodes and preprocesses images in CPU tasks while a ``TorchTrainer`` worker group
+trains; each epoch ends in a Ray Train checkpoint under ``jobs/<run>/``, so re-running the same
+command after a crash resumes from the last finished epoch (the run name is a hash of the
+config and the collection's content, so a changed config starts afresh). The published model
+is one file, ``models/<name>/model.pt`` (see :mod:`medcurate.models.mae`), with its
+``provenance.json`` written last; the Ray checkpoints are deleted once it is published.
+
+Input normalisation: the per-channel mean and std of pixels scaled to [0, 1], measured on a
+seeded sample of the collection (``NORM_SAMPLE`` images), rather than fixed constants: medical
+archives differ widely in brightness (dark MRI backgrounds, bright X-ray fields), and the
+values are stored in the checkpoint so embedding normalises exactly as pretraining did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from medcurate.config import PretrainConfig
+from medcurate.errors import MedcurateError
+from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.ingest.decode import load_image
+from medcurate.models.mae import build_mae, save_checkpoint
+from medcurate.models.preprocess import Preprocessing, preprocess_batch
+from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
+from medcurate.runtime import ensure_ray, gpu_count, stage_resources
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+NORM_SAMPLE = 256
+_BLOCK_ROWS = 256  # Ray Data blocks, so several decode tasks can run in parallel
+_DECODE_COLUMNS = ("uri", "member", "window_center", "window_width")
+# -- data ---------------------------------------------------------------------------------------
+def _optional_float(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _decode_rows(rows: dict) -> list[np.ndarray]:
+    return [load_image(uri, member, _optional_float(center), _optional_float(width))
+            for uri, member, center, width in zip(*(rows[c] for c in _DECODE_COLUMNS))]
+
+
+def _decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing) -> dict[str, np.ndarray]:
+    """Ray Data UDF: manifest rows -> normalised inputs, prepared exactly as for embedding."""
+    return {"image": preprocess_batch(_decode_rows(batch), prep)}
+
+
+def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of [0, 1] pixels over a seeded sample of the training images."""
+    rng = np.random.default_rng(config.seed)
+    take = np.sort(rng.choice(table.num_rows, min(NORM_SAMPLE, table.num_rows), replace=False))
+    rows = table.take(take).to_pydict()
+    images = _decode_rows(rows)
+    unscaled = Preprocessing(config.img_size, config.in_chans, (0.0,), (1.0,))
+    pixels = preprocess_batch(images, unscaled)
+    mean = pixels.mean(axis=(0, 2, 3))
+    std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-3)  # a constant image must not divide by 0
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _training_rows(workspace: Workspace, config: PretrainConfig) -> pa.Table:
+    table = read_manifest(workspace, config.collection)
+    for column in ("window_center", "window_width"):
+        if column not in table.column_names:  # only DICOM collections have them
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.float64()))
+    if "split" in table.column_names and pc.any(pc.equal(table["split"], "train")).as_py():
+        table = table.filter(pc.equal(table["split"], "train"))
+    # A seeded shuffle, so a manifest sorted by class still gives mixed batches (Ray Data only
+    # shuffles within a local buffer), and so max_images takes a random subset.
+    order = np.random.default_rng(config.seed).permutation(table.num_rows)
+    return table.take(order[:config.max_images]).select(list(_DECODE_COLUMNS)).combine_chunks()
+
+
+# -- the training loop (runs in each Ray Train worker) -------------------------------------------
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to the peak, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_loop(loop: dict) -> None:
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(loop["seed"])  # identical initialisation on every worker
+    model = build_mae(**loop["model"])
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": loop["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=loop["lr"], betas=(0.9, 0.95))
+    total = loop["epochs"] * loop["steps_per_epoch"]
+    warmup = int(loop["warmup_epochs"] * loop["steps_per_epoch"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, warmup, total))
+
+    start_epoch, losses = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume an interrupted run of the same config
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                               weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, losses = state["epoch"] + 1, state["losses"]
+
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    use_bf16 = device.type == "cuda"
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, loop["epochs"]):
+        torch.manual_seed(loop["seed"] * 100_003 + epoch * 101 + rank)  # masks, resumable
+        model.train()
+        total_loss = torch.zeros(2, device=device)
+        for batch in shard.iter_torch_batches(
+                batch_size=loop["batch_size"], dtypes=torch.float32, device=device,
+                local_shuffle_buffer_size=4 * loop["batch_size"],
+                local_shuffle_seed=loop["seed"] + epoch):
+            images = batch["image"]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, _, _ = model(images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += torch.stack([loss.detach().float() * len(images),
+                                       torch.tensor(float(len(images)), device=device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total_loss)
+        epoch_loss = float(total_loss[0] / total_loss[1].clamp(min=1))
+        losses.append(epoch_loss)
+        metrics = {"epoch": epoch, "loss": epoch_loss, "lr": scheduler.get_last_lr()[0]}
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
+                            "losses": losses}, os.path.join(folder, STATE_FILE))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def _collection_sha256(workspace: Workspace, collection: str) -> str | None:
+    outputs = workspace.provenance("collections", collection).get("outputs", {})
+    return (outputs.get(MANIFEST_FILE) or {}).get("sha256")
+
+
+def _run_name(config: PretrainConfig, manifest_sha: str | None) -> str:
+    """Same config and same collection content -> same run, which Ray Train resumes."""
+    settings = config.model_dump(exclude={"overwrite", "use_gpu", "num_workers"})
+    digest = hashlib.sha256(json.dumps([settings, manifest_sha], sort_keys=True).encode())
+    return f"pretrain-{config.model_name[:100]}-{digest.hexdigest()[:12]}"
+
+
+def _file_ref(path: str) -> OutputRef:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return OutputRef(sha256=digest.hexdigest(), bytes=size)
+
+
+def _use_gpu(config: PretrainConfig) -> bool:
+    gpus = gpu_count()
+    if config.use_gpu and gpus < config.num_workers:
+        raise MedcurateError(f"use_gpu needs {config.num_workers} GPU(s); Ray has {gpus}")
+    return gpus >= config.num_workers if config.use_gpu is None else config.use_gpu
+
+
+def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict:
+    """Pretrain an MAE on a collection and publish it as ``models/<name>/``; returns a summary."""
+    workspace = workspace or Workspace()
+    started = utc_now()
+    name = config.model_name
+    ensure_ray()
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < config.num_workers + 1:  # a worker per CPU would starve the decode tasks: hang
+        raise MedcurateError(f"{config.num_workers} training worker(s) need at least "
+                             f"{config.num_workers + 1} CPUs in Ray (one left for decoding); "
+                             f"Ray has {cpus}")
+    use_gpu = _use_gpu(config)
+    table = _training_rows(workspace, config)
+    if table.num_rows == 0:
+        raise MedcurateError(f"collection {config.collection!r} has no images to train on")
+    manifest_sha = _collection_sha256(workspace, config.collection)
+    run_name = _run_name(config, manifest_sha)
+    mean, std = _normalisation(table, config)
+
+    model_args = dict(arch=config.arch, img_size=config.img_size, patch_size=config.patch_size,
+                      in_chans=config.in_chans, mask_ratio=config.mask_ratio, mean=mean, std=std)
+    if config.depth:
+        model_args["depth"] = config.depth
+    decode = stage_resources("decode")
+    blocks = [table.slice(i, _BLOCK_ROWS) for i in range(0, table.num_rows, _BLOCK_ROWS)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        _decode_batch, batch_format="numpy", batch_size=decode.batch_size,
+        num_cpus=decode.num_cpus,
+        fn_kwargs={"prep": Preprocessing(config.img_size, config.in_chans, mean, std)})
+    rows_per_worker = math.ceil(table.num_rows / config.num_workers)
+    loop = dict(model=model_args, epochs=config.epochs, batch_size=config.batch_size,
+                lr=config.lr, warmup_epochs=config.warmup_epochs,
+                weight_decay=config.weight_decay, seed=config.seed,
+                steps_per_epoch=math.ceil(rows_per_worker / config.batch_size))
+    job_folder = workspace.local_path("jobs", run_name)
+
+    with workspace.stage("models", name, overwrite=config.overwrite) as staging:
+        trainer = ray.train.torch.TorchTrainer(
+            _train_loop, train_loop_config=loop,
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
+                                                   use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=str(job_folder),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise MedcurateError(f"pretraining run {run_name} finished without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                               weights_only=True)
+        model = build_mae(**model_args)
+        model.load_state_dict(state["model"])
+        losses = [round(v, 6) for v in state["losses"]]
+        summary = {"final_loss": losses[-1], "epochs": len(losses), "losses": losses,
+                   "images": table.num_rows, "run": run_name, "use_gpu": use_gpu}
+        save_checkpoint(model, f"{staging}/{MODEL_FILE}",
+                        meta={"collection": config.collection, "name": name, **summary})
+        record = Provenance(
+            kind="model", key=name, started_at=started, config=config.model_dump(),
+            inputs=[InputRef(role="collection", uri=workspace.path("collections",
+                                                                   config.collection),
+                             sha256=manifest_sha)],
+            outputs={MODEL_FILE: _file_ref(f"{staging}/{MODEL_FILE}")},
+            model={**model.config, "mean": mean, "std": std},
+            seed=config.seed, summary=summary)
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+    shutil.rmtree(job_folder, ignore_errors=True)  # published: the resume points are spent
+    return {"name": name, "checkpoint": workspace.path("models", name, MODEL_FILE),
+            "mean": mean, "std": std, **summary}
