@@ -7,9 +7,10 @@ Fields carry their CLI help in ``description``; a field marked ``cli="argument"`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      field_validator, model_validator)
 
 from medcurate.workspace import validate_key
 
@@ -21,6 +22,18 @@ def absolute_location(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 IngestFormat = Literal["auto", "folder", "csv", "parquet", "npz", "dicom", "webdataset"]
+
+
+def comma_separated(value) -> list[str]:
+    """``"site,sex"`` and ``["site", "sex"]`` alike: the CLI passes one string, HTTP a list."""
+    if isinstance(value, str):
+        value = [value]
+    return [part.strip() for item in value or [] for part in str(item).split(",")
+            if part.strip()]
+
+
+CommaList = Annotated[list[str], BeforeValidator(comma_separated)]
+Key = Annotated[str, AfterValidator(validate_key)]  # a workspace artefact name
 
 
 class CommandConfig(BaseModel):
@@ -132,17 +145,17 @@ class SelectConfig(CommandConfig):
     """A selection over a finished embedding run; strategy parameters left unset (None) take
     the strategy's own defaults, and a parameter the strategy does not use is an error."""
 
-    embedding_run: str = argument("Embedding run to select from (see `medcurate embed`).")
+    embedding_run: Key = argument("Embedding run to select from (see `medcurate embed`).")
     budget_per_class: int = Field(..., ge=1, description="Images to select per class (a class "
                                   "with fewer images is taken whole, and the summary says so).")
     strategy: Strategy = Field("confounder-aware", description="Selection strategy.")
-    stratify_by: list[str] = Field(default_factory=list, description="Metadata columns (comma "
+    stratify_by: CommaList = Field(default_factory=list, description="Metadata columns (comma "
                                    "separated, e.g. site,sex) whose joint distribution within "
                                    "each class the selection keeps.")
     min_per_stratum: int = Field(0, ge=0, description="Minimum images per class × stratum cell "
                                  "where the cell has them and the budget allows.")
     seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
-    selection_id: str | None = Field(None, description="Key of the selection (default: derived "
+    selection_id: Key | None = Field(None, description="Key of the selection (default: derived "
                                      "from the run, strategy, budget and parameters).")
     method: Literal["dbscan", "hdbscan", "kmeans"] | None = Field(
         None, description="Clustering of each class's 2-D map (confounder-aware, cluster-random;"
@@ -161,19 +174,6 @@ class SelectConfig(CommandConfig):
                                    "parallel on Ray (default 20000).")
     overwrite: bool = Field(False, description="Replace an existing selection of this id.")
 
-    @field_validator("stratify_by", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        if isinstance(value, str):
-            value = [value]
-        return [part.strip() for item in value or [] for part in str(item).split(",")
-                if part.strip()]
-
-    @field_validator("embedding_run", "selection_id")
-    @classmethod
-    def _valid_keys(cls, value: str | None) -> str | None:
-        return None if value is None else validate_key(value)
-
     def strategy_params(self) -> dict:
         names = ("method", "within", "pca_dims", "n_neighbors", "min_dist", "fit_sample")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -182,34 +182,21 @@ class SelectConfig(CommandConfig):
 class ScoreConfig(CommandConfig):
     """Rank a zoo of pretrained encoders for a target collection without fine-tuning."""
 
-    target: str = argument("Collection to rank the zoo for; a class-stratified probe of its "
+    target: Key = argument("Collection to rank the zoo for; a class-stratified probe of its "
                            "'train' split (every image where it has no splits) is scored.")
     zoo: str = Field(..., description="YAML file listing the candidate models: entries with "
                      "name, model (an encoder spec) and optional weights.")
-    metrics: list[str] = Field(default_factory=lambda: ["all"], description="'all', or a comma "
+    metrics: CommaList = Field(default_factory=lambda: ["all"], description="'all', or a comma "
                                "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
                                "sfda, parc, ncti, gbc, transrate; NAME:VARIANT picks a published "
                                "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical).")
     per_class: int = Field(100, ge=1, description="Probe images per class (a smaller class is "
                            "taken whole).")
     seed: int = Field(24, description="Seed of the probe sample (24, as in the paper).")
-    score_id: str | None = Field(None, description="Key of the result (default: derived from the "
+    score_id: Key | None = Field(None, description="Key of the result (default: derived from the "
                                  "target's content, the zoo, the metrics and the probe; the same "
                                  "command reuses a finished result).")
     overwrite: bool = Field(False, description="Recompute an existing result of this id.")
-
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _comma_separated(cls, value):
-        if isinstance(value, str):
-            value = [value]
-        return [part.strip() for item in value or [] for part in str(item).split(",")
-                if part.strip()]
-
-    @field_validator("target", "score_id")
-    @classmethod
-    def _valid_keys(cls, value: str | None) -> str | None:
-        return None if value is None else validate_key(value)
 
     @field_validator("zoo")
     @classmethod
