@@ -5,7 +5,9 @@ Layout under the root (a local path or an object-store URI, both through ``pyarr
     collections/<name>/    manifest.parquet, rejects.parquet, provenance.json
     embeddings/<run-id>/   shards/*.parquet, provenance.json
     selections/<id>/       selection.parquet, summary.json, report.html, provenance.json
-    jobs/<id>/             job records
+    jobs/<id>/             job records, Ray Train storage
+    models/<name>/         model.pt, provenance.json (MAE pretraining)
+    scores/<id>/           scores.csv, scores.json, agreement.csv, provenance.json
 
 An artefact is complete exactly when its ``provenance.json`` exists: it is written last, so a
 crash leaves either the previous complete artefact or a staging folder nobody reads, never a
