@@ -222,15 +222,20 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     # One input block per model batch: results stream back, and shards commit, batch by batch.
     blocks = [shard.slice(start, model.batch_size) for shard in shards.values()
               for start in range(0, shard.num_rows, model.batch_size)]
+    # Ray sets OMP_NUM_THREADS from a worker's CPU share (1 here), which throttles torch's
+    # OpenMP kernels even after set_num_threads; the actor's threads are its to use. The same
+    # environment on the decode step keeps the two fusable where their CPUs match.
+    env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(model.threads)}}} \
+        if model.threads else {}
     dataset = (
         ray.data.from_arrow(blocks)
         .map_batches(_DecodeBatch(preprocessing), batch_format="pyarrow",
-                     batch_size=model.batch_size, num_cpus=decode.num_cpus)
+                     batch_size=model.batch_size, num_cpus=decode.num_cpus, **env)
         .map_batches(_EmbedActor, fn_constructor_args=(config.model, config.weights,
                                                        model.threads),
                      batch_format="numpy", batch_size=model.batch_size,
                      num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-                     concurrency=model.concurrency)
+                     concurrency=model.concurrency, **env)
     )
     buffers: dict[int, list] = {}
     counts = dict.fromkeys(expected, 0)
