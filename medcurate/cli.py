@@ -12,8 +12,8 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.config import (CurateConfig, EmbedConfig, IngestConfig, PretrainConfig,
-                              ScoreConfig, SelectConfig)
+from medcurate.commands import COMMANDS
+from medcurate.config import IngestConfig, ScoreConfig, SelectConfig
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -56,6 +56,19 @@ def build_config(config_cls: type[BaseModel], values: dict) -> BaseModel:
         fail(validation_message(exc))
 
 
+def _cli_type(annotation):
+    """What typer parses: validators stripped (the config runs them), lists as strings so
+    "0,0.5,1" reaches the config whole, ``X | None`` kept optional."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _cli_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is list:
+        return list[str]
+    args = typing.get_args(annotation)
+    if type(None) in args and len(args) == 2:
+        return typing.Optional[_cli_type(next(a for a in args if a is not type(None)))]  # noqa: UP045
+    return annotation
+
+
 def _parameter(name: str, field) -> inspect.Parameter:
     """A typer parameter for one pydantic field: its type, default, help and choices."""
     if (field.json_schema_extra or {}).get("cli") == "argument":
@@ -64,8 +77,9 @@ def _parameter(name: str, field) -> inspect.Parameter:
         info = typer.Option(help=field.description)
     default = (inspect.Parameter.empty if field.is_required()
                else field.get_default(call_default_factory=True))
+    annotation = _cli_type(field.annotation)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=typing.Annotated[field.annotation, info])
+                             annotation=typing.Annotated[annotation, info])
 
 
 def config_command(typer_app: typer.Typer, name: str, config_cls: type[BaseModel],
@@ -107,15 +121,6 @@ def ingest_command(config: IngestConfig, workspace: Workspace) -> dict:
     return summary
 
 
-@config_command(app, "embed", EmbedConfig,
-                "Embed a collection with an encoder on Ray Data into Parquet shards; re-running "
-                "the same command resumes a run that was cut short.")
-def embed_command(config: EmbedConfig, workspace: Workspace) -> dict:
-    from medcurate.embed import embed
-
-    return embed(config, workspace)
-
-
 @config_command(app, "select", SelectConfig,
                 "Select a budget of images per class from an embedding run: selection.parquet "
                 "(id, label, group, reason), summary.json and report.html.")
@@ -129,15 +134,6 @@ def select_command(config: SelectConfig, workspace: Workspace) -> dict:
     return {k: v for k, v in summary.items() if k != "metadata"}
 
 
-@config_command(app, "curate", CurateConfig,
-                "The main job: ingest → embed → select → report. Without SOURCE it runs on a "
-                "built-in synthetic demo archive (clearly labelled as such).")
-def curate_command(config: CurateConfig, workspace: Workspace) -> dict:
-    from medcurate.curate import curate
-
-    return curate(config, workspace)
-
-
 @config_command(app, "score", ScoreConfig,
                 "Rank a zoo of pretrained models for a target collection without fine-tuning: "
                 "the paper's LP x FU score and 11 baseline metrics, as a table and CSV/JSON.")
@@ -149,13 +145,34 @@ def score_command(config: ScoreConfig, workspace: Workspace) -> dict:
     return document
 
 
-@config_command(app, "pretrain", PretrainConfig,
-                "Pretrain a masked autoencoder (ViT) on a collection with Ray Train; the "
-                "checkpoint lands in models/<name>/ and loads as the encoder mae:<path>.")
-def pretrain_command(config: PretrainConfig, workspace: Workspace) -> dict:
-    from medcurate.train.pretrain import pretrain
+PLAIN_COMMANDS = {
+    "embed": "Embed a collection with an encoder on Ray Data into Parquet shards; re-running "
+             "the same command resumes a run that was cut short.",
+    "curate": "The main job: ingest → embed → select → report. Without SOURCE it runs on a "
+              "built-in synthetic demo archive (clearly labelled as such).",
+    "pretrain": "Pretrain a masked autoencoder (ViT) on a collection with Ray Train; the "
+                "checkpoint lands in models/<name>/ and loads as the encoder mae:<path>.",
+    "finetune": "Fine-tune (or linear-probe) a registry encoder + linear head on a selection or "
+                "collection with Ray Train; AUC and balanced accuracy on every test set, "
+                "published as models/<run>/ (model.pt, metrics.json/csv, predictions).",
+    "audit": "Shortcut audit: train every zoo model with a synthetic or metadata confounder in "
+             "a share p of the positives; i.i.d. vs o.o.d. (reversed) AUC per level, the drop, "
+             "paired permutation tests, an HTML report and CSV under audits/<id>/.",
+    "compare-selections": "Closed-loop check: select with several strategies at equal budgets "
+                          "and seeds, train on each, and report mean and 95% interval of each "
+                          "metric per strategy and budget (table, CSV, plot).",
+}
 
-    return pretrain(config, workspace)
+
+def _register_plain(name: str, help: str) -> None:
+    entry = COMMANDS[name]
+    config_command(app, name, entry.config, help)(entry.run)
+
+
+for _name, _help in PLAIN_COMMANDS.items():
+    _register_plain(_name, _help)
+
+__import__("medcurate.remote", fromlist=["register"]).register(app)  # serve, submit, jobs
 
 
 @collections_app.command("list")

@@ -6,6 +6,8 @@ Fields carry their CLI help in ``description``; a field marked ``cli="argument"`
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,6 +35,8 @@ def comma_separated(value) -> list[str]:
 
 
 CommaList = Annotated[list[str], BeforeValidator(comma_separated)]
+CommaFloats = Annotated[list[float], BeforeValidator(comma_separated)]
+CommaInts = Annotated[list[int], BeforeValidator(comma_separated)]
 Key = Annotated[str, AfterValidator(validate_key)]  # a workspace artefact name
 Location = Annotated[str, AfterValidator(absolute_location)]  # a local path or a URI
 
@@ -41,6 +45,13 @@ class CommandConfig(BaseModel):
     """Base for every command's config: unknown fields are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def digest(self, *exclude: str) -> str:
+        """Short hash of the settings that shape a result (not names, overwrite or where it
+        runs): the same settings derive the same default artefact key."""
+        skip = {"overwrite", "num_workers", "use_gpu", *exclude}
+        text = json.dumps(self.model_dump(exclude=skip), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def argument(description: str, **kwargs):
@@ -110,7 +121,18 @@ class CurateConfig(IngestConfig):
 
 
 Strategy = Literal["confounder-aware", "random", "stratified", "kcenter", "herding",
-                   "facility-location", "typicality", "cluster-random"]
+                   "facility-location", "typicality", "cluster-random", "optidel"]
+# Strategies that select a share of the whole pool (--fraction) for pretraining, ignoring labels.
+POOL_STRATEGIES = ("optidel",)
+
+
+def extractor_location(value: str) -> str:
+    """``sam:PATH`` with its checkpoint path made absolute (as --weights are); ``grid`` as is."""
+    kind, _, path = value.partition(":")
+    return f"{kind}:{absolute_location(path)}" if path else value
+
+
+ExtractorSpec = Annotated[str, AfterValidator(extractor_location)]
 
 
 class SelectConfig(CommandConfig):
@@ -118,14 +140,18 @@ class SelectConfig(CommandConfig):
     the strategy's own defaults, and a parameter the strategy does not use is an error."""
 
     embedding_run: Key = argument("Embedding run to select from (see `medcurate embed`).")
-    budget_per_class: int = Field(..., ge=1, description="Images to select per class (a class "
-                                  "with fewer images is taken whole, and the summary says so).")
+    budget_per_class: int | None = Field(None, ge=1, description="Images to select per class, "
+                                         "for every strategy but optidel (a class with fewer "
+                                         "images is taken whole, and the summary says so).")
     strategy: Strategy = Field("confounder-aware", description="Selection strategy.")
     stratify_by: CommaList = Field(default_factory=list, description="Metadata columns (comma "
                                    "separated, e.g. site,sex) whose joint distribution within "
                                    "each class the selection keeps.")
     min_per_stratum: int = Field(0, ge=0, description="Minimum images per class × stratum cell "
                                  "where the cell has them and the budget allows.")
+    splits: CommaList = Field(default_factory=list, description="Select only among images of "
+                              "these splits (e.g. train, so test images stay unseen); default: "
+                              "every image of the run.")
     seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
     selection_id: Key | None = Field(None, description="Key of the selection (default: derived "
                                      "from the run, strategy, budget and parameters).")
@@ -144,10 +170,50 @@ class SelectConfig(CommandConfig):
     fit_sample: int | None = Field(None, ge=100, description="Above this many images in a class "
                                    "UMAP is fitted on a sample and the rest transformed in "
                                    "parallel on Ray (default 20000).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Share of the pool to select, "
+                                   "real and synthetic images together (optidel, which budgets "
+                                   "the whole pool instead of each class; e.g. 0.05).")
+    hard_share: float | None = Field(None, gt=0, le=1, description="Share of the pool with the "
+                                     "smallest margins that the picks come from (optidel; "
+                                     "default 0.2).")
+    synth_share: float | None = Field(None, ge=0, le=1, description="Share of the selection "
+                                      "synthesised by pasting patches across clusters, written "
+                                      "as the collection <selection>-synth (optidel; default "
+                                      "0.5).")
+    n_clusters: int | None = Field(None, ge=2, description="k-means prototypes whose cell "
+                                   "boundaries the margins are measured to (optidel; default "
+                                   "10).")
+    extractor: ExtractorSpec | None = Field(None, description="Patch extractor of the synthesis:"
+                                            " grid, or sam:CHECKPOINT (needs the "
+                                            "segment_anything package) (optidel; default grid).")
+    patch_size: int | None = Field(None, ge=1, description="Side of the grid extractor's "
+                                   "patches in pixels (optidel; default a quarter of the "
+                                   "image's side).")
+    min_content: float | None = Field(None, ge=0, lt=1, description="Patches whose pixels' "
+                                      "standard deviation (in [0, 1] units) is below this are "
+                                      "blank and never pasted (optidel; default 0.02).")
     overwrite: bool = Field(False, description="Replace an existing selection of this id.")
 
+    @model_validator(mode="after")
+    def _budget_or_fraction(self) -> SelectConfig:
+        name = self.strategy
+        if name in POOL_STRATEGIES:
+            if self.fraction is None or self.budget_per_class is not None:
+                raise ValueError(f"strategy {name} selects a share of the whole pool: pass "
+                                 "--fraction (e.g. 0.05) and no --budget-per-class (a "
+                                 "pretraining pool has no classes to budget)")
+            if self.stratify_by:
+                raise ValueError(f"strategy {name} selects from the whole pool; --stratify-by "
+                                 "keeps per-class budgets and does not apply")
+        elif self.budget_per_class is None or self.fraction is not None:
+            raise ValueError(f"strategy {name} needs --budget-per-class; --fraction is for "
+                             f"{', '.join(POOL_STRATEGIES)}")
+        return self
+
     def strategy_params(self) -> dict:
-        names = ("method", "within", "pca_dims", "n_neighbors", "min_dist", "fit_sample")
+        names = ("method", "within", "pca_dims", "n_neighbors", "min_dist", "fit_sample",
+                 "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
+                 "patch_size", "min_content")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -197,8 +263,11 @@ class PretrainConfig(CommandConfig):
     depth: int | None = Field(None, gt=0, description="Encoder depth override (quick runs).")
     max_images: int | None = Field(None, gt=0, description="Train on a seeded random subset "
                                    "of this many images (quick runs).")
+    selection: Key | None = Field(None, description="Train only on this selection's images "
+                                  "(made from COLLECTION by `medcurate select`, e.g. --strategy "
+                                  "optidel), plus the images it synthesised, if any.")
     name: Key | None = Field(None, description="Name of the model to write; default "
-                             "<collection>-<arch>.")
+                             "<selection or collection>-<arch>.")
     overwrite: bool = Field(False, description="Replace an existing model of this name.")
 
     @model_validator(mode="after")
@@ -210,4 +279,136 @@ class PretrainConfig(CommandConfig):
 
     @property
     def model_name(self) -> str:
-        return self.name or validate_key(f"{self.collection}-{self.arch}")
+        return self.name or validate_key(f"{self.selection or self.collection}-{self.arch}")
+
+
+ClassificationMetric = Literal["auc", "balanced-accuracy", "accuracy", "sensitivity",
+                               "specificity"]
+BINARY_ONLY_METRICS = ("sensitivity", "specificity")
+
+
+class TrainingConfig(CommandConfig):
+    """How one classifier is trained: shared by fine-tuning, the audit and selection checks."""
+
+    mode: Literal["linear", "full"] = Field("linear", description="'linear': train the head on "
+                                            "the frozen backbone (a linear probe); 'full': "
+                                            "fine-tune every layer.")
+    img_size: int | None = Field(None, ge=16, description="Input side in pixels (default: the "
+                                 "encoder's own; CNNs take smaller inputs for quick CPU runs).")
+    epochs: int = Field(30, gt=0, description="Maximum passes over the training images.")
+    patience: int = Field(5, gt=0, description="Stop after this many epochs without a lower "
+                          "validation loss; the best epoch's weights are kept.")
+    batch_size: int = Field(32, gt=0, description="Images per step and worker.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    augment: bool = Field(True, description="Random rotation, shift, shear and zoom of "
+                          "training images.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training images "
+                                "held out for early stopping where the collection has no 'val' "
+                                "split (with --folds K > 1, one fold is held out instead).")
+    folds: int = Field(1, ge=1, description="Train K times, each holding out another "
+                       "stratified fold of the training images for validation.")
+    seed: int = Field(0, description="Seed of initialisation, splits, augmentation and order.")
+    metrics: CommaList = Field(default_factory=lambda: ["auc", "balanced-accuracy"],
+                               description="Comma list of auc (one-vs-rest mean for several "
+                               "classes), balanced-accuracy, accuracy, sensitivity, specificity "
+                               "(the last two binary only).")
+    positive: str | None = Field(None, description="Positive class of binary data (default: "
+                                 "the second label in sorted order).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel).")
+    use_gpu: bool | None = Field(None, description="Train on GPUs; default: when Ray has GPUs.")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> TrainingConfig:
+        allowed = ClassificationMetric.__args__
+        unknown = [m for m in self.metrics if m not in allowed]
+        if unknown or not self.metrics:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none)'}; choose from "
+                             f"{', '.join(allowed)}")
+        return self
+
+
+class FinetuneConfig(TrainingConfig):
+    train: Key = argument("Selection or collection to train on (a collection's 'train' split "
+                          "where it has splits).")
+    model: str = Field(..., description="Encoder spec of the backbone (see `medcurate embed "
+                       "--help`); a dropout 0.5 + linear head is put on top.")
+    weights: Location | None = Field(None, description="Local weights file for the encoder.")
+    test: CommaList = Field(default_factory=list, description="Test sets, comma separated: "
+                            "SPLIT of the training collection, COLLECTION (every image) or "
+                            "COLLECTION:SPLIT; default: the collection's 'test' split. Name "
+                            "o.o.d. sets here too.")
+    run_id: Key | None = Field(None, description="Name of the model to write (default: derived "
+                               "from the training set, model, mode and seed).")
+    overwrite: bool = Field(False, description="Replace an existing model of this name.")
+
+
+class AuditConfig(TrainingConfig):
+    """Shortcut audit: how far each source model's AUC falls when a confounder flips."""
+
+    collection: Key = argument("Labelled collection to audit on (its train/val/test splits).")
+    confounder: str = Field(..., description="tag, lowpass, poisson, or metadata:COLUMN (with "
+                            "--carrier VALUE).")
+    carrier: str | None = Field(None, description="For metadata:COLUMN: the value of COLUMN "
+                                "that is made to go with the positive class (e.g. male).")
+    levels: CommaFloats = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.5, 0.8, 1.0],
+                                description="Confounder levels p in [0, 1]: the share of "
+                                "training positives carrying it (metadata: the correlation).")
+    zoo: Location = Field(..., description="YAML file of the source models to audit (as for "
+                          "`medcurate score`).")
+    max_train: int | None = Field(None, gt=0, description="Train on at most this many images "
+                                  "(class-stratified, seeded) for quick runs.")
+    max_test: int | None = Field(None, gt=0, description="Test on at most this many images "
+                                 "(class-stratified, seeded).")
+    permutations: int = Field(2000, ge=100, description="Permutations of the paired test between "
+                              "models' o.o.d. AUCs.")
+    audit_id: Key | None = Field(None, description="Name of the audit (default: derived from "
+                                 "its parameters).")
+    overwrite: bool = Field(False, description="Replace an existing audit of this name.")
+    folds: int = Field(3, ge=1, description="Training runs per model and level, each with "
+                       "another validation fold and seed.")
+
+    @model_validator(mode="after")
+    def _valid_audit(self) -> AuditConfig:
+        bad = [p for p in self.levels if not 0.0 <= p <= 1.0]
+        if bad or not self.levels:
+            raise ValueError(f"levels must lie in [0, 1]; got {self.levels}")
+        kind, _, column = self.confounder.partition(":")
+        if kind not in ("tag", "lowpass", "poisson", "metadata"):
+            raise ValueError(f"unknown confounder {self.confounder!r}; choose tag, lowpass, "
+                             "poisson or metadata:COLUMN")
+        if (kind == "metadata") != bool(column) or (kind == "metadata") != bool(self.carrier):
+            raise ValueError("a metadata confounder is written metadata:COLUMN and needs "
+                             "--carrier VALUE; image confounders take neither")
+        return self
+
+
+class CompareConfig(TrainingConfig):
+    """Closed-loop check of selections: train on each strategy's picks at equal budgets."""
+
+    embedding_run: Key = argument("Embedding run to select from: its collection's 'train' "
+                                  "split is selected from and its 'test' split tested on; its "
+                                  "encoder is the backbone trained.")
+    strategies: CommaList = Field(default_factory=lambda: ["confounder-aware", "random"],
+                                  description="Selection strategies to compare.")
+    budgets: CommaInts = Field(default_factory=lambda: [10, 25], description="Budgets per "
+                               "class, comma separated.")
+    seeds: CommaInts = Field(default_factory=lambda: [0, 1, 2], description="Seeds of selection "
+                             "and training, comma separated.")
+    comparison_id: Key | None = Field(None, description="Name of the result (default: derived "
+                                      "from its parameters).")
+    overwrite: bool = Field(False, description="Replace an existing comparison of this name.")
+
+    @model_validator(mode="after")
+    def _valid_strategies(self) -> CompareConfig:
+        unknown = [s for s in self.strategies if s not in Strategy.__args__]
+        if unknown or not self.strategies:
+            raise ValueError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from "
+                             f"{', '.join(Strategy.__args__)}")
+        pool = [s for s in self.strategies if s in POOL_STRATEGIES]
+        if pool:
+            raise ValueError(f"{', '.join(pool)} selects pretraining data by --fraction; "
+                             "compare-selections compares per-class budgets for fine-tuning")
+        if any(b < 1 for b in self.budgets) or not self.budgets or not self.seeds:
+            raise ValueError("budgets must be positive and budgets and seeds non-empty")
+        return self

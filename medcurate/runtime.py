@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import ray
 
+from medcurate.errors import MedcurateError
+
 
 @dataclass(frozen=True)
 class StageResources:
@@ -61,6 +63,20 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def training_gpu(num_workers: int, use_gpu: bool | None) -> bool:
+    """Whether Ray Train workers take GPUs (default: when Ray has one per worker), after
+    checking the cluster can hold them: on CPU each worker takes one CPU and one more must stay
+    free for the Ray Data tasks feeding them, or training waits for data forever."""
+    gpus = gpu_count()
+    if use_gpu and gpus < num_workers:
+        raise MedcurateError(f"use_gpu needs {num_workers} GPU(s); Ray has {gpus}")
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < num_workers + 1:
+        raise MedcurateError(f"{num_workers} training worker(s) need at least {num_workers + 1} "
+                             f"CPUs in Ray (one left for decoding); Ray has {cpus}")
+    return gpus >= num_workers if use_gpu is None else use_gpu
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray without the dashboard.
 
@@ -77,6 +93,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
+        address="local",  # never attach to whatever `ray start` left running on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

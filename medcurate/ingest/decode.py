@@ -10,6 +10,7 @@ validated is exactly what the models later see.
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -200,3 +201,19 @@ def load_image(uri: str, member: str | None = None, window_center: float | None 
         window = None if window_center is None else (window_center, window_width)
         return dicom.dicom_to_image(dicom.read_dataset(payload), window)
     return _pil_to_array(_open_pil(payload))
+
+
+def _window(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def load_rows(rows: dict) -> list[np.ndarray]:
+    """Decode manifest rows (columns ``uri``, ``member`` and, for DICOM, the window) in order:
+    the one way every stage that trains or scores on a collection reads its images."""
+    uris = list(rows["uri"])
+    centres = rows.get("window_center")
+    widths = rows.get("window_width")
+    centres = [None] * len(uris) if centres is None else list(centres)
+    widths = [None] * len(uris) if widths is None else list(widths)
+    return [load_image(uri, member, _window(c), _window(w))
+            for uri, member, c, w in zip(uris, rows["member"], centres, widths)]

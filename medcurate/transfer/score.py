@@ -41,7 +41,7 @@ from medcurate.config import EmbedConfig, ScoreConfig
 from medcurate.embed import embed, load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
-from medcurate.ingest.decode import load_image
+from medcurate.ingest.decode import load_rows
 from medcurate.models import create_encoder, fu_layers, preprocess_batch
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray
@@ -163,16 +163,6 @@ def ensure_probe(workspace: Workspace, target: str, manifest: pa.Table, manifest
 
 
 # -- one model (a Ray task) ---------------------------------------------------------------------
-def _decode(rows: dict) -> list[np.ndarray]:
-    def window(value):
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-    centres = rows.get("window_center") or [None] * len(rows["uri"])
-    widths = rows.get("window_width") or [None] * len(rows["uri"])
-    return [load_image(uri, member, window(c), window(w))
-            for uri, member, c, w in zip(rows["uri"], rows["member"], centres, widths)]
-
-
 def score_model(entry: ZooEntry, workspace_uri: str, run_id: str, image_rows: dict,
                 requests: list[Request], threads: int) -> dict:
     """Every requested per-model value for one zoo model: ``{"values", "notes", "timing_s"}``.
@@ -191,7 +181,7 @@ def score_model(entry: ZooEntry, workspace_uri: str, run_id: str, image_rows: di
                                                    + head[1])
 
     def fu() -> float:
-        images = _decode(image_rows)
+        images = load_rows(image_rows)
         return fu_score(encoder.backbone, *fu_layers(encoder),
                         lambda idx: torch.from_numpy(preprocess_batch(
                             [images[i] for i in idx], encoder.preprocessing)), labels,

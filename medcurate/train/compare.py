@@ -1,0 +1,209 @@
+"""Closed-loop check of selection strategies: is a curated subset worth it?
+
+For every strategy, budget and seed: select from the embedding run's 'train' split (a real
+selection artefact, ``<comparison>-<strategy>-n<budget>-s<seed>``, reused when it exists with
+the same parameters), train a classifier on it, and test on the collection's 'test' split.
+Validation (early stopping) uses the collection's 'val' split where it has one, else a
+stratified share of the selection. The same protocol on the whole 'train' split gives the
+ceiling. Results: mean and 95% interval over seeds per strategy, budget and metric.
+
+A linear probe without augmentation at the encoder's own input size trains the head directly
+on the stored embeddings: they are exactly the frozen backbone's features of the same
+preprocessed images, so this equals the Ray Train path without decoding every image again.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from medcurate.config import CompareConfig, SelectConfig
+from medcurate.embed import load_embeddings
+from medcurate.errors import MedcurateError
+from medcurate.ingest import read_manifest
+from medcurate.provenance import InputRef, Provenance, utc_now
+from medcurate.report import curves_figure, html_page, html_table
+from medcurate.select.run import read_selection, run_selection
+from medcurate.train.evaluation import classification_metrics, fold_plan, mean_interval
+from medcurate.train.finetune import (classes_of, fit_classifier, image_table, label_targets,
+                                      make_head, preprocessing_for, split_rows, train_head)
+from medcurate.workspace import PROVENANCE_FILE, Workspace, validate_key
+
+RESULTS_FILE = "results.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+CEILING = "all"  # the strategy name of the whole-train-split reference
+
+
+def _default_id(config: CompareConfig) -> str:
+    return f"{config.embedding_run[:80]}-compare-{config.digest('comparison_id')}"
+
+
+class _Trainer:
+    """Trains and tests one classifier per call, on stored features or through Ray Train."""
+
+    def __init__(self, config: CompareConfig, workspace: Workspace, run_model: dict,
+                 classes: list[str], positive: int, features: dict[str, np.ndarray] | None,
+                 comparison_id: str):
+        self.config, self.classes, self.positive = config, classes, positive
+        self.features = features  # id -> embedding, for the stored-feature path
+        self.model, self.weights = run_model["spec"], run_model.get("weights")
+        self.prep = None if features else preprocessing_for(self.model, self.weights,
+                                                            config.img_size)
+        self.storage = str(workspace.local_path("jobs", comparison_id))
+
+    def __call__(self, train: pa.Table, val: pa.Table, test: pa.Table, seed: int,
+                 name: str) -> np.ndarray:
+        y = {k: label_targets(t, self.classes, k) for k, t in
+             (("train", train), ("val", val), ("test", test))}
+        if self.features is None:
+            result = fit_classifier(self.model, self.weights, self.config, len(self.classes),
+                                    image_table(train, y["train"]), image_table(val, y["val"]),
+                                    {"test": image_table(test, y["test"])}, prep=self.prep,
+                                    storage=self.storage, name=name, seed=seed)
+            return result.predictions["test"]
+        x = {k: torch.from_numpy(np.stack([self.features[i] for i in t.column("id").to_pylist()]))
+             for k, t in (("train", train), ("val", val), ("test", test))}
+        torch.manual_seed(seed)
+        head = make_head(x["train"].shape[1], len(self.classes))
+        settings = {**self.config.model_dump(include={"epochs", "patience", "batch_size", "lr",
+                                                      "weight_decay"}), "seed": seed}
+        state, _ = train_head(head, (x["train"], torch.from_numpy(y["train"])),
+                              (x["val"], torch.from_numpy(y["val"])), settings)
+        head.load_state_dict(state)
+        head.eval()
+        with torch.no_grad():
+            return torch.softmax(head(x["test"]), dim=1).numpy()
+
+
+def _selection(config: CompareConfig, workspace: Workspace, strategy: str, budget: int,
+               seed: int, comparison_id: str) -> str:
+    """The selection's id, made now or reused when an identical one exists."""
+    key = validate_key(f"{comparison_id[:90]}-{strategy}-n{budget}-s{seed}")
+    select = SelectConfig(embedding_run=config.embedding_run, budget_per_class=budget,
+                          strategy=strategy, seed=seed, splits=["train"], selection_id=key,
+                          overwrite=config.overwrite)
+    if workspace.exists("selections", key) and not config.overwrite:
+        if workspace.provenance("selections", key)["config"] == select.model_dump():
+            return key
+        raise MedcurateError(f"selection {key!r} exists with other parameters; pass --overwrite")
+    run_selection(select, workspace)
+    return key
+
+
+def compare_selections(config: CompareConfig, workspace: Workspace | None = None) -> dict:
+    """Train on each strategy's selections and publish ``comparisons/<id>/``."""
+    workspace = workspace or Workspace()
+    started = utc_now()
+    comparison_id = config.comparison_id or _default_id(config)
+    workspace.refuse_existing("comparisons", comparison_id, config.overwrite,
+                              "--comparison-id NEW")
+    workspace.require("embeddings", config.embedding_run)
+    run_record = workspace.provenance("embeddings", config.embedding_run)
+    collection = run_record["summary"]["collection"]
+    manifest = read_manifest(workspace, collection)
+    if "split" not in manifest.column_names:
+        raise MedcurateError(f"collection {collection!r} has no splits; the comparison selects "
+                             "from 'train' and tests on 'test'")
+    train_all, val_split, test = (split_rows(manifest, s) for s in ("train", "val", "test"))
+    if not train_all.num_rows or not test.num_rows:
+        raise MedcurateError(f"collection {collection!r} needs 'train' and 'test' splits")
+    classes, positive = classes_of(train_all, config)
+    stored = config.mode == "linear" and not config.augment and config.img_size is None \
+        and config.num_workers == 1
+    features = None
+    if stored:
+        rows, X = load_embeddings(workspace, config.embedding_run)
+        features = dict(zip(rows.column("id").to_pylist(), X))
+    trainer = _Trainer(config, workspace, run_record["model"], classes, positive, features,
+                       comparison_id)
+    test_y = label_targets(test, classes, "'test' split")
+
+    def evaluate(train: pa.Table, seed: int, name: str) -> dict:
+        if val_split.num_rows:
+            val = val_split
+        else:
+            train_at, val_at = fold_plan(label_targets(train, classes, "selection"), 1,
+                                         config.val_fraction, seed)[0]
+            train, val = train.take(train_at), train.take(val_at)
+        probs = trainer(train, val, test, seed, name)
+        return classification_metrics(test_y, probs, config.metrics, positive)
+
+    records = []
+    for seed in config.seeds:
+        for strategy in config.strategies:
+            for budget in config.budgets:
+                key = _selection(config, workspace, strategy, budget, seed, comparison_id)
+                ids = read_selection(workspace, key).column("id")
+                chosen = train_all.filter(pc.is_in(train_all["id"], value_set=ids))
+                for metric, value in evaluate(chosen, seed, key).items():
+                    records.append({"strategy": strategy, "budget": budget, "seed": seed,
+                                    "selection": key, "metric": metric, "value": value})
+        for metric, value in evaluate(train_all, seed, f"{CEILING}-s{seed}").items():
+            records.append({"strategy": CEILING, "budget": train_all.num_rows, "seed": seed,
+                            "selection": "", "metric": metric, "value": value})
+    summary = _summary(config, records)
+    summary.update(comparison_id=comparison_id, embedding_run=config.embedding_run,
+                   collection=collection, classes=classes, positive=classes[positive],
+                   trained_on="stored embeddings" if stored else "images (Ray Train)",
+                   validation="'val' split" if val_split.num_rows else
+                   f"{config.val_fraction:.0%} of each selection")
+    with workspace.stage("comparisons", comparison_id, overwrite=config.overwrite) as staging:
+        workspace.write_bytes(f"{staging}/{RESULTS_FILE}", _csv(records).encode())
+        workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
+        workspace.write_bytes(f"{staging}/{REPORT_FILE}", _report(summary, config))
+        record = Provenance(kind="comparison", key=comparison_id, started_at=started,
+                            config=config.model_dump(), seed=config.seeds[0],
+                            model=run_record.get("model"), summary=summary,
+                            inputs=[InputRef(role="embedding_run", uri=config.embedding_run),
+                                    InputRef(role="collection", uri=collection)])
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+    return summary
+
+
+def _summary(config: CompareConfig, records: list[dict]) -> dict:
+    def values(**where):
+        return [r["value"] for r in records if all(r[k] == v for k, v in where.items())]
+
+    table = {strategy: {str(budget): {m: mean_interval(values(strategy=strategy, budget=budget,
+                                                              metric=m))
+                                      for m in config.metrics}
+                        for budget in config.budgets}
+             for strategy in config.strategies}
+    ceiling = {m: mean_interval(values(strategy=CEILING, metric=m)) for m in config.metrics}
+    return {"strategies": config.strategies, "budgets": config.budgets, "seeds": config.seeds,
+            "metrics": table, "ceiling": ceiling}
+
+
+def _csv(records: list[dict]) -> str:
+    header = ["strategy", "budget", "seed", "selection", "metric", "value"]
+    lines = [",".join(header)]
+    lines += [",".join("" if r[h] is None else str(r[h]) for h in header) for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def _report(summary: dict, config: CompareConfig) -> bytes:
+    parts = [f"<h1>Selection comparison {summary['comparison_id']}</h1>",
+             f"<p>Embedding run {summary['embedding_run']}, collection {summary['collection']}; "
+             f"{config.mode} training on {summary['trained_on']}, validation on "
+             f"{summary['validation']}; seeds {summary['seeds']}. Shaded: 95% interval over "
+             "seeds. 'all': the whole train split.</p>"]
+    budgets = summary["budgets"]
+    for metric in config.metrics:
+        curves = [(s, budgets, [summary["metrics"][s][str(b)][metric] for b in budgets], "-")
+                  for s in summary["strategies"]]
+        curves.append((f"{CEILING} (ceiling)", budgets,
+                       [summary["ceiling"][metric]] * len(budgets), ":"))
+        png = curves_figure(f"{metric} against budget", "images per class", metric, curves)
+        rows = [[s, b, e["mean"], e["low"], e["high"], e["n"]]
+                for s in summary["strategies"] for b in budgets
+                for e in [summary["metrics"][s][str(b)][metric]]]
+        c = summary["ceiling"][metric]
+        rows.append([CEILING, "all", c["mean"], c["low"], c["high"], c["n"]])
+        parts += [f"<h2>{metric}</h2>", f'<img alt="{metric}" src="data:image/png;base64,{png}">',
+                  html_table(["strategy", "budget", "mean", "95% low", "95% high", "seeds"],
+                             rows)]
+    return html_page(f"Selection comparison {summary['comparison_id']}", parts)

@@ -1,0 +1,527 @@
+"""Fine-tuning a classifier on Ray Train: registry backbone + dropout 0.5 + a linear head.
+
+``fit_classifier`` is one training run: Ray Data decodes (and, for the shortcut audit,
+confounds) the images in CPU tasks; a ``TorchTrainer`` worker group trains with AdamW and
+early stopping on the validation loss; rank 0 keeps the best epoch's weights and predicts every
+test set; the checkpoint (weights + predictions) lands in Ray Train storage under the
+workspace's ``jobs/``. ``finetune`` (the CLI command) wraps it: training rows from a selection
+or a collection, folds, metrics, and the published ``models/<run>/`` artefact.
+
+A linear probe without augmentation runs the frozen backbone once per image and then trains
+the head on the cached features (``train_head``), the same loop the selection comparison uses
+on stored embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medcurate.config import FinetuneConfig, TrainingConfig
+from medcurate.errors import MedcurateError
+from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.ingest.decode import load_rows
+from medcurate.models import Preprocessing, create_encoder, preprocess_batch
+from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
+from medcurate.runtime import ensure_ray, stage_resources, training_gpu
+from medcurate.train.evaluation import check_metrics, classification_metrics, fold_plan
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+
+MODEL_FILE = "model.pt"
+RESULT_FILE = "result.pt"
+METRICS_FILE = "metrics.json"
+METRICS_CSV = "metrics.csv"
+PREDICTIONS_FILE = "predictions.parquet"
+VALIDATION = "validation"
+DROPOUT = 0.5
+_BLOCK_ROWS = 256
+_MATERIALIZE_BYTES = 2 << 30  # decoded sets below this are decoded once, not every epoch
+_IMAGE_COLUMNS = ("uri", "member", "window_center", "window_width")
+
+
+# -- the model ----------------------------------------------------------------------------------
+def make_head(embed_dim: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Dropout(DROPOUT), nn.Linear(embed_dim, n_classes))
+
+
+class Classifier(nn.Module):
+    """Backbone features -> dropout -> linear head, as in the paper's fine-tuning protocol."""
+
+    def __init__(self, backbone: nn.Module, embed_dim: int, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = make_head(embed_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 15.0,
+                  translate: float = 0.1, shear: float = 10.0,
+                  zoom: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
+    """Per-image random rotation, shift (share of the side), shear and zoom, border-filled."""
+    n = x.shape[0]
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = torch.deg2rad(uniform(-degrees, degrees))
+    shear_angle = torch.deg2rad(uniform(-shear, shear))
+    scale = uniform(*zoom)
+    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear_angle)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos / scale, (cos * tan - sin) / scale
+    theta[:, 1, 0], theta[:, 1, 1] = sin / scale, (sin * tan + cos) / scale
+    theta[:, :, 2] = 2 * torch.stack([uniform(-translate, translate),
+                                      uniform(-translate, translate)], dim=1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def train_head(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+               val: tuple[torch.Tensor, torch.Tensor], settings: dict,
+               report=None) -> tuple[dict, list[dict]]:
+    """Train a head on fixed features with early stopping; the best state and the history."""
+    generator = torch.Generator().manual_seed(settings["seed"])
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings["lr"],
+                                  weight_decay=settings["weight_decay"])
+    features, targets = train
+    best, best_state, waited, history = math.inf, copy.deepcopy(head.state_dict()), 0, []
+    for epoch in range(settings["epochs"]):
+        head.train()
+        order = torch.randperm(len(targets), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), settings["batch_size"]):
+            batch = order[start:start + settings["batch_size"]]
+            loss = F.cross_entropy(head(features[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        head.eval()
+        with torch.no_grad():
+            val_loss = float(F.cross_entropy(head(val[0]), val[1]))
+        entry = {"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss}
+        history.append(entry)
+        if report:
+            report(entry)
+        if val_loss < best - 1e-6:
+            best, best_state, waited = val_loss, copy.deepcopy(head.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= settings["patience"]:
+                break
+    return best_state, history
+
+
+# -- data (Ray Data CPU tasks) ------------------------------------------------------------------
+def _decode_batch(batch: pa.Table, prep: Preprocessing, confounder: str | None,
+                  seed: int) -> dict[str, np.ndarray]:
+    """Rows -> normalised inputs; a confounder, where set, is applied to the resized [0, 1]
+    image before normalisation, seeded per image id so every epoch and model sees the same."""
+    rows = batch.to_pydict()
+    unit = Preprocessing(prep.input_size, prep.in_chans, (0.0,), (1.0,))
+    pixels = preprocess_batch(load_rows(rows), unit)
+    if confounder:
+        from medcurate.confounders import apply_confounder, row_seed
+
+        for i, (image_id, flag) in enumerate(zip(rows["id"], rows["confounded"])):
+            image = pixels[i].transpose(1, 2, 0)
+            image = image[:, :, 0] if prep.in_chans == 1 else image
+            changed = apply_confounder(confounder, image, confounded=bool(flag),
+                                       seed=row_seed(seed, image_id))
+            pixels[i] = changed.reshape(prep.input_size, prep.input_size, -1).transpose(2, 0, 1)
+    pixels -= np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    pixels /= np.asarray(prep.std, dtype=np.float32)[:, None, None]
+    return {"image": pixels, "target": np.asarray(rows["target"], dtype=np.int64),
+            "index": np.asarray(rows["index"], dtype=np.int64)}
+
+
+def image_table(rows: pa.Table, targets: np.ndarray, confounded: np.ndarray | None = None) -> pa.Table:
+    """The columns training reads: image location, class index, position, confounder flag."""
+    columns = {c: rows.column(c) if c in rows.column_names else pa.nulls(rows.num_rows, pa.float64())
+               for c in _IMAGE_COLUMNS}
+    flags = np.zeros(rows.num_rows, bool) if confounded is None else np.asarray(confounded, bool)
+    return pa.table({"id": rows.column("id"), **columns,
+                     "target": pa.array(np.asarray(targets, dtype=np.int64)),
+                     "index": pa.array(np.arange(rows.num_rows, dtype=np.int64)),
+                     "confounded": pa.array(flags)})
+
+
+def _dataset(table: pa.Table, prep: Preprocessing, confounder: str | None, seed: int):
+    decode = stage_resources("decode")
+    blocks = [table.slice(i, _BLOCK_ROWS) for i in range(0, max(table.num_rows, 1), _BLOCK_ROWS)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        _decode_batch, batch_format="pyarrow", batch_size=decode.batch_size,
+        num_cpus=decode.num_cpus, fn_kwargs={"prep": prep, "confounder": confounder,
+                                             "seed": seed})
+    size = table.num_rows * prep.in_chans * prep.input_size ** 2 * 4
+    return dataset.materialize() if size < _MATERIALIZE_BYTES else dataset
+
+
+# -- the training loop (runs in each Ray Train worker) -------------------------------------------
+def _batches(dataset, batch_size: int, device, shuffle_seed: int | None = None):
+    kwargs = {}
+    if shuffle_seed is not None:
+        kwargs = {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed}
+    yield from dataset.iter_torch_batches(batch_size=batch_size, device=device,
+                                          dtypes={"image": torch.float32, "target": torch.int64,
+                                                  "index": torch.int64}, **kwargs)
+
+
+def _features(backbone: nn.Module, dataset, batch_size: int, device) -> tuple[torch.Tensor, ...]:
+    feats, targets, index = [], [], []
+    with torch.no_grad():
+        for batch in _batches(dataset, batch_size, device):
+            feats.append(backbone(batch["image"]).float())
+            targets.append(batch["target"])
+            index.append(batch["index"])
+    return torch.cat(feats), torch.cat(targets), torch.cat(index)
+
+
+def _predict(model: nn.Module, dataset, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    probs, index = [], []
+    with torch.no_grad():
+        for batch in _batches(dataset, batch_size, device):
+            probs.append(torch.softmax(model(batch["image"]).float(), dim=1).cpu())
+            index.append(batch["index"].cpu())
+    order = torch.cat(index).argsort()
+    return torch.cat(probs)[order].numpy(), torch.cat(index)[order].numpy()
+
+
+def _epoch(model, optimizer, dataset, loop, device, generator, epoch) -> float:
+    model.train()
+    if loop["mode"] == "linear":  # frozen backbone: batch-norm statistics stay as trained
+        (model.module if hasattr(model, "module") else model).backbone.eval()
+    total, count = 0.0, 0
+    for batch in _batches(dataset, loop["batch_size"], device, loop["seed"] + epoch):
+        images = batch["image"]
+        if loop["augment"]:
+            images = random_affine(images, generator)
+        loss = F.cross_entropy(model(images), batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(images), count + len(images)
+    return total / max(count, 1)
+
+
+def _validation_loss(model, dataset, batch_size, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(dataset, batch_size, device):
+            loss = F.cross_entropy(model(batch["image"]), batch["target"], reduction="sum")
+            total, count = total + float(loss), count + len(batch["target"])
+    return total / max(count, 1)
+
+
+def _log_epoch(entry: dict) -> None:
+    """Progress on the worker's stdout (streamed to the driver and the job log). Not a Ray
+    Train report: each report costs ~2 s here, longer than a linear-probe epoch."""
+    print(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, "
+          f"val loss {entry['val_loss']:.4f}", flush=True)
+
+
+def _train_loop(loop: dict) -> None:
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(loop["seed"])
+    encoder = create_encoder(loop["model"], weights=loop["weights"])
+    model = Classifier(encoder.backbone, encoder.embed_dim, loop["n_classes"]).to(device)
+    train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    single = ray.train.get_context().get_world_size() == 1
+    if loop["mode"] == "linear" and not loop["augment"] and single:
+        model.eval()  # frozen features, computed once; the head trains on them
+        train_feats = _features(model.backbone, train, loop["batch_size"], device)
+        val_feats = _features(model.backbone, val, loop["batch_size"], device)
+        state, history = train_head(model.head, train_feats[:2], val_feats[:2], loop,
+                                    _log_epoch)
+        model.head.load_state_dict(state)
+    else:
+        if loop["mode"] == "linear":
+            for parameter in model.backbone.parameters():
+                parameter.requires_grad_(False)
+        model = ray.train.torch.prepare_model(model)
+        bare = model.module if hasattr(model, "module") else model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=loop["lr"], weight_decay=loop["weight_decay"])
+        generator = torch.Generator().manual_seed(loop["seed"] * 7919 + rank)
+        best, best_state, waited, history = math.inf, copy.deepcopy(bare.state_dict()), 0, []
+        for epoch in range(loop["epochs"]):
+            train_loss = _epoch(model, optimizer, train, loop, device, generator, epoch)
+            val_loss = _validation_loss(bare, val, loop["batch_size"], device)
+            entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+            history.append(entry)
+            _log_epoch(entry)
+            if val_loss < best - 1e-6:
+                best, best_state, waited = val_loss, copy.deepcopy(bare.state_dict()), 0
+            else:
+                waited += 1
+                if waited >= loop["patience"]:  # every worker sees the same val loss
+                    break
+        model = bare
+        model.load_state_dict(best_state)
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if rank == 0:
+            predictions = {name: _predict(model, ray.train.get_dataset_shard(f"test:{name}"),
+                                          loop["batch_size"], device)
+                           for name in loop["tests"]}
+            torch.save({"state": model.state_dict(), "history": history,
+                        "predictions": predictions}, os.path.join(folder, RESULT_FILE))
+            saved = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"epochs": len(history)}, checkpoint=saved)
+
+
+# -- one training run (driver) --------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitResult:
+    state: dict
+    history: list[dict]
+    predictions: dict[str, np.ndarray]  # test name -> probabilities [N, K] in table order
+
+
+def preprocessing_for(model: str, weights: str | None, img_size: int | None) -> Preprocessing:
+    """The encoder's input, at ``img_size`` where given, checked by one forward pass so a
+    size the network cannot take fails here rather than inside a worker."""
+    encoder = create_encoder(model, weights=weights)
+    prep = encoder.preprocessing
+    if img_size and img_size != prep.input_size:
+        prep = Preprocessing(img_size, prep.in_chans, prep.mean, prep.std)
+        try:
+            with torch.no_grad():
+                encoder(torch.zeros(1, prep.in_chans, img_size, img_size))
+        except Exception as exc:  # noqa: BLE001 - whatever the network says, it cannot take it
+            raise MedcurateError(f"--img-size {img_size}: {model} cannot take that input "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return prep
+
+
+def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_classes: int,
+                   train: pa.Table, val: pa.Table, tests: dict[str, pa.Table], *,
+                   prep: Preprocessing, storage: str, name: str,
+                   confounder: str | None = None, seed: int | None = None) -> FitResult:
+    """One Ray Train run over ``image_table`` rows; predictions for every test table."""
+    ensure_ray()
+    use_gpu = training_gpu(training.num_workers, training.use_gpu)
+    seed = training.seed if seed is None else seed
+    datasets = {"train": _dataset(train, prep, confounder, seed),
+                "val": _dataset(val, prep, confounder, seed)}
+    datasets.update({f"test:{k}": _dataset(t, prep, confounder, seed) for k, t in tests.items()})
+    loop = {"model": model, "weights": weights, "n_classes": n_classes, "mode": training.mode,
+            "augment": training.augment, "epochs": training.epochs,
+            "patience": training.patience, "batch_size": training.batch_size,
+            "lr": training.lr, "weight_decay": training.weight_decay, "seed": seed,
+            "tests": list(tests)}
+    trainer = ray.train.torch.TorchTrainer(
+        _train_loop, train_loop_config=loop, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=training.num_workers,
+                                               use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise MedcurateError(f"training run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        payload = torch.load(os.path.join(folder, RESULT_FILE), map_location="cpu",
+                             weights_only=False)
+    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+    return FitResult(state=payload["state"], history=payload["history"],
+                     predictions={k: probs for k, (probs, _) in payload["predictions"].items()})
+
+
+# -- the finetune command ---------------------------------------------------------------------
+def split_rows(manifest: pa.Table, split: str) -> pa.Table:
+    if "split" not in manifest.column_names:
+        return manifest.slice(0, 0)
+    return manifest.filter(pc.equal(manifest["split"], split))
+
+
+def training_source(workspace: Workspace, key: str) -> tuple[str, pa.Table, bool]:
+    """(collection, training rows, whether they are a selection) for a selection or collection."""
+    is_selection = workspace.exists("selections", key)
+    if is_selection and workspace.exists("collections", key):
+        raise MedcurateError(f"{key!r} names both a selection and a collection; rename one")
+    if is_selection:
+        from medcurate.select.run import selection_rows
+
+        return (*selection_rows(workspace, key), True)
+    if not workspace.exists("collections", key):
+        raise MedcurateError(f"no selection or collection named {key!r} in the workspace")
+    manifest = read_manifest(workspace, key)
+    train = split_rows(manifest, "train")
+    return key, (train if train.num_rows else manifest), False
+
+
+def test_sets(workspace: Workspace, collection: str, specs: list[str]) -> dict[str, pa.Table]:
+    """Named test tables from ``SPLIT``, ``COLLECTION`` or ``COLLECTION:SPLIT`` specs."""
+    manifest = read_manifest(workspace, collection)
+    if not specs:
+        test = split_rows(manifest, "test")
+        return {"test": test} if test.num_rows else {}
+    tables = {}
+    for spec in specs:
+        name, _, split = spec.partition(":")
+        if not split and not workspace.exists("collections", name):
+            table = split_rows(manifest, name)  # a split of the training collection
+        else:
+            workspace.require("collections", name)
+            table = read_manifest(workspace, name)
+            table = split_rows(table, split) if split else table
+        if table.num_rows == 0:
+            raise MedcurateError(f"test set {spec!r} has no images (a split of {collection!r}, "
+                                 "a collection, or COLLECTION:SPLIT)")
+        tables[spec] = table
+    return tables
+
+
+def label_targets(table: pa.Table, classes: list[str], what: str) -> np.ndarray:
+    labels = [None if v is None else str(v) for v in table.column("label").to_pylist()]
+    unknown = sorted({str(v) for v in labels if v not in classes})
+    if unknown:
+        raise MedcurateError(f"{what} has labels the training data lacks: {', '.join(unknown)}")
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[v] for v in labels], dtype=np.int64)
+
+
+def classes_of(rows: pa.Table, training: TrainingConfig) -> tuple[list[str], int]:
+    """Sorted class names of the training rows and the positive class's index, validated."""
+    labels = rows.column("label").to_pylist()
+    if any(v is None for v in labels):
+        raise MedcurateError("training images must all be labelled")
+    classes = sorted({str(v) for v in labels})
+    if len(classes) < 2:
+        raise MedcurateError(f"training needs two or more classes; found {classes}")
+    check_metrics(training.metrics, len(classes))
+    positive = training.positive if training.positive is not None else classes[1]
+    if positive not in classes:
+        raise MedcurateError(f"--positive {positive!r} is not a class ({', '.join(classes)})")
+    return classes, classes.index(positive)
+
+
+def default_run_id(config: FinetuneConfig) -> str:
+    model = config.model.replace("/", "-").replace(":", "-").split("-")[-1][:40]
+    return f"{config.train[:60]}-{model}-{config.mode}-s{config.seed}-{config.digest('run_id')}"
+
+
+def metric_rows(fold: int, name: str, values: dict) -> list[dict]:
+    return [{"fold": fold, "test_set": name, "metric": k, "value": v} for k, v in values.items()]
+
+
+def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict:
+    """Fine-tune (or linear-probe) on a selection or collection; publish ``models/<run>/``."""
+    workspace = workspace or Workspace()
+    started = utc_now()
+    run_id = config.run_id or default_run_id(config)
+    workspace.refuse_existing("models", run_id, config.overwrite, "--run-id NEW")
+    collection, rows, is_selection = training_source(workspace, config.train)
+    classes, positive = classes_of(rows, config)
+    targets = label_targets(rows, classes, "training data")
+    tests = test_sets(workspace, collection, config.test)
+    test_targets = {k: label_targets(t, classes, f"test set {k!r}") for k, t in tests.items()}
+    prep = preprocessing_for(config.model, config.weights, config.img_size)
+    val_split = split_rows(read_manifest(workspace, collection), "val")
+    if config.folds == 1 and val_split.num_rows:
+        plans = [(np.arange(rows.num_rows), None)]
+    else:
+        plans = fold_plan(targets, config.folds, config.val_fraction, config.seed)
+    storage = str(workspace.local_path("jobs", run_id))
+
+    records, predictions, states, histories = [], [], [], []
+    for fold, (train_at, val_at) in enumerate(plans):
+        if val_at is None:
+            val_rows, val_targets = val_split, label_targets(val_split, classes, "'val' split")
+        else:
+            val_rows, val_targets = rows.take(val_at), targets[val_at]
+        result = fit_classifier(
+            config.model, config.weights, config, len(classes),
+            image_table(rows.take(train_at), targets[train_at]),
+            image_table(val_rows, val_targets),
+            {VALIDATION: image_table(val_rows, val_targets),
+             **{k: image_table(t, test_targets[k]) for k, t in tests.items()}},
+            prep=prep, storage=storage, name=f"fold-{fold}", seed=config.seed + fold)
+        evaluated = {VALIDATION: (val_rows, val_targets),
+                     **{k: (t, test_targets[k]) for k, t in tests.items()}}
+        for name, (table, y) in evaluated.items():
+            probs = result.predictions[name]
+            records += metric_rows(fold, name, classification_metrics(y, probs, config.metrics,
+                                                                      positive))
+            predictions.append(pa.table({
+                "fold": pa.array(np.full(len(y), fold, np.int32)),
+                "test_set": pa.array([name] * len(y)), "id": table.column("id"),
+                "label": pa.array([classes[i] for i in y]),
+                **{f"p_{c}": pa.array(probs[:, i]) for i, c in enumerate(classes)}}))
+        states.append(result.state)
+        histories.append(result.history)
+    shutil.rmtree(storage, ignore_errors=True)
+
+    summary = _summarise(records, config.metrics)
+    document = {"run_id": run_id, "train": config.train, "collection": collection,
+                "from_selection": is_selection, "classes": classes,
+                "positive": classes[positive], "images": {"train": rows.num_rows, **{
+                    k: t.num_rows for k, t in tests.items()}},
+                "metrics": summary, "folds": len(plans),
+                "epochs_trained": [len(h) for h in histories], "history": histories}
+    with workspace.stage("models", run_id, overwrite=config.overwrite) as staging:
+        buffer = io.BytesIO()
+        torch.save({"states": states, "model": config.model, "weights": config.weights,
+                    "classes": classes, "preprocessing": prep.to_dict(), "mode": config.mode},
+                   buffer)
+        workspace.write_bytes(f"{staging}/{MODEL_FILE}", buffer.getvalue())
+        workspace.write_json(f"{staging}/{METRICS_FILE}", document)
+        workspace.write_bytes(f"{staging}/{METRICS_CSV}", _csv(records).encode())
+        workspace.write_table(f"{staging}/{PREDICTIONS_FILE}", pa.concat_tables(predictions))
+        record = Provenance(
+            kind="model", key=run_id, started_at=started, config=config.model_dump(),
+            inputs=[InputRef(role="selection" if is_selection else "collection",
+                             uri=config.train),
+                    InputRef(role="collection", uri=workspace.path("collections", collection),
+                             sha256=workspace.provenance("collections", collection)
+                             ["outputs"][MANIFEST_FILE]["sha256"])],
+            outputs={MODEL_FILE: OutputRef(sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                           bytes=len(buffer.getvalue()))},
+            model={"spec": config.model, "weights": config.weights, "classes": classes,
+                   "preprocessing": prep.to_dict()},
+            seed=config.seed, summary={k: v for k, v in document.items() if k != "history"})
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+    return {k: v for k, v in document.items() if k != "history"}
+
+
+def _summarise(records: list[dict], metrics: list[str]) -> dict:
+    """Per test set and metric: the mean over folds and each fold's value."""
+    from medcurate.train.evaluation import mean_interval
+
+    summary: dict[str, dict] = {}
+    for name in dict.fromkeys(r["test_set"] for r in records):
+        summary[name] = {}
+        for metric in metrics:
+            values = [r["value"] for r in records if r["test_set"] == name and r["metric"] == metric]
+            summary[name][metric] = {**mean_interval(values), "folds": values}
+    return summary
+
+
+def _csv(records: list[dict]) -> str:
+    lines = ["fold,test_set,metric,value"]
+    lines += [f"{r['fold']},{r['test_set']},{r['metric']},{'' if r['value'] is None else r['value']}"
+              for r in records]
+    return "\n".join(lines) + "\n"
