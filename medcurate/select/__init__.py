@@ -2,7 +2,8 @@
 
 ``select(strategy, X, labels, budget_per_class, ...)`` runs one of ``STRATEGIES`` by name,
 optionally within metadata strata (class × stratum cells, each with its share of the class
-budget).
+budget), or one of ``POOL_STRATEGIES``: those select pretraining data, take
+``budget_per_class=None`` and a ``fraction`` of the whole pool instead, and ignore labels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from medcurate.select.base import (Gather, SelectionResult, class_rows, derive_s
 from medcurate.select.baselines import (cluster_random, facility_location, herding, kcenter,
                                         random_uniform, stratified, typicality)
 from medcurate.select.confounder import confounder_aware
+from medcurate.select.optidel import optidel
 
 STRATEGIES: dict[str, Callable[..., SelectionResult]] = {
     "confounder-aware": confounder_aware,
@@ -30,19 +32,21 @@ STRATEGIES: dict[str, Callable[..., SelectionResult]] = {
     "typicality": typicality,
     "cluster-random": cluster_random,
 }
+POOL_STRATEGIES: dict[str, Callable[..., SelectionResult]] = {"optidel": optidel}
+_ALL = {**STRATEGIES, **POOL_STRATEGIES}
 
 _COMMON = {"X", "labels", "budget_per_class", "seed"}
 
-__all__ = ["STRATEGIES", "SelectionResult", "select", "split_budget", "strategy_params",
+__all__ = ["POOL_STRATEGIES", "STRATEGIES", "SelectionResult", "select", "split_budget", "strategy_params",
            "validate_inputs"]
 
 
 def strategy_params(strategy: str) -> dict[str, object]:
     """The strategy's own parameters and their defaults (beyond X, labels, budget, seed)."""
-    if strategy not in STRATEGIES:
+    if strategy not in _ALL:
         raise MedcurateError(f"unknown selection strategy {strategy!r}; known: "
-                             f"{', '.join(STRATEGIES)}")
-    parameters = inspect.signature(STRATEGIES[strategy]).parameters.values()
+                             f"{', '.join(_ALL)}")
+    parameters = inspect.signature(_ALL[strategy]).parameters.values()
     return {p.name: p.default for p in parameters if p.name not in _COMMON}
 
 
@@ -62,7 +66,7 @@ def select(strategy: str, X, labels, budget_per_class: int, *, seed: int = 0, st
     if unknown:
         raise MedcurateError(f"strategy {strategy} takes no parameter {', '.join(unknown)}; "
                              f"its parameters: {', '.join(known) or 'none'}")
-    fn = STRATEGIES[strategy]
+    fn = _ALL[strategy]
     if strata is None:
         return fn(X, labels, budget_per_class, seed=seed, **params)
     return _select_by_strata(fn, strategy, X, labels, budget_per_class, seed=seed,

@@ -26,7 +26,9 @@ class SelectionResult:
     ``reason`` a human-readable sentence per selected row, ``info`` the per-class parameters
     and notes (JSON-ready, for provenance). Strategies that build a 2-D map also fill
     ``coords`` (float32 [N, 2]) and ``point_groups`` (int64 [N]) for EVERY input row, so a
-    report can draw the map coloured by group; group ids are per class.
+    report can draw the map coloured by group; group ids are per class. Strategies that
+    synthesise new images (OptiDEL) describe them in ``synthesis``, an object with a
+    ``render(load)`` method, since only the caller can read the images.
     """
 
     indices: np.ndarray
@@ -35,6 +37,7 @@ class SelectionResult:
     info: dict
     coords: np.ndarray | None = None
     point_groups: np.ndarray | None = None
+    synthesis: object | None = None
 
 
 @dataclass
@@ -56,6 +59,20 @@ def validate_inputs(X, labels, budget_per_class) -> tuple[np.ndarray, np.ndarray
     labels not one per row or missing, a budget that is not a positive integer, and rows
     with NaN/inf (naming how many and the first one).
     """
+    X = validate_embeddings(X)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(X):
+        raise MedcurateError(f"labels must be one per embedding row: {len(X)} rows but labels "
+                             f"of shape {labels.shape}")
+    if labels.dtype == object and any(label is None for label in labels):
+        raise MedcurateError("labels hold missing values (None); label every row first")
+    check_budget(budget_per_class)
+    return X, labels
+
+
+def validate_embeddings(X) -> np.ndarray:
+    """``X`` as float32 rows, or a MedcurateError: not a non-empty 2-D numeric array, or rows
+    with NaN/inf (naming how many and the first one)."""
     X = np.asarray(X)
     if X.ndim != 2 or 0 in X.shape:
         raise MedcurateError(f"embeddings must be a non-empty 2-D array [rows, dims]; got "
@@ -68,14 +85,7 @@ def validate_inputs(X, labels, budget_per_class) -> tuple[np.ndarray, np.ndarray
     if bad.any():
         raise MedcurateError(f"{int(bad.sum())} embedding rows hold NaN or inf (first: row "
                              f"{int(np.argmax(bad))}); re-embed or drop them")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != len(X):
-        raise MedcurateError(f"labels must be one per embedding row: {len(X)} rows but labels "
-                             f"of shape {labels.shape}")
-    if labels.dtype == object and any(label is None for label in labels):
-        raise MedcurateError("labels hold missing values (None); label every row first")
-    check_budget(budget_per_class)
-    return X, labels
+    return X
 
 
 def check_budget(budget) -> int:

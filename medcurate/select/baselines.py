@@ -53,21 +53,28 @@ def kcenter(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResu
     the class mean, then repeatedly take the point farthest from every earlier pick. Covers
     the class's extent, outliers first. Deterministic by construction (``seed`` unused)."""
     def pick(Xc: np.ndarray, k: int, class_seed: int) -> ClassPick:
-        first = int(np.argmin(backends.sq_dists(Xc.mean(axis=0, keepdims=True), Xc)[0]))
-        picks, reasons = [first], ["k-center pick 1 (nearest the class mean)"]
-        nearest = backends.sq_dists(Xc[first:first + 1], Xc)[0]
-        nearest[first] = -1.0
-        for t in range(1, k):
-            new = int(np.argmax(nearest))
-            reasons.append(f"k-center pick {t + 1} ({np.sqrt(nearest[new]):.3g} from the "
-                           "nearest earlier pick)")
-            picks.append(new)
-            nearest = np.minimum(nearest, backends.sq_dists(Xc[new:new + 1], Xc)[0])
-            nearest[new] = -1.0
-        return ClassPick(indices=np.asarray(picks), reason=reasons)
+        return kcenter_greedy(Xc, k, centre="the class mean")
 
     return per_class(X, labels, budget_per_class, pick, strategy="kcenter", seed=seed,
                      params={})
+
+
+def kcenter_greedy(Xc: np.ndarray, k: int, *, centre: str = "the mean") -> ClassPick:
+    """``k`` rows of ``Xc`` by k-center greedy: the row nearest the mean, then each time the
+    row farthest from every earlier pick. O(N) memory: one running distance vector.
+    ``centre`` names the mean in the first pick's reason."""
+    first = int(np.argmin(backends.sq_dists(Xc.mean(axis=0, keepdims=True), Xc)[0]))
+    picks, reasons = [first], [f"k-center pick 1 (nearest {centre})"]
+    nearest = backends.sq_dists(Xc[first:first + 1], Xc)[0]
+    nearest[first] = -1.0
+    for t in range(1, k):
+        new = int(np.argmax(nearest))
+        reasons.append(f"k-center pick {t + 1} ({np.sqrt(nearest[new]):.3g} from the "
+                       "nearest earlier pick)")
+        picks.append(new)
+        nearest = np.minimum(nearest, backends.sq_dists(Xc[new:new + 1], Xc)[0])
+        nearest[new] = -1.0
+    return ClassPick(indices=np.asarray(picks[:k], dtype=np.int64), reason=reasons[:k])
 
 
 def herding(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResult:

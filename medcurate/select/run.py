@@ -14,9 +14,10 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from medcurate import backends
-from medcurate.config import SelectConfig
+from medcurate.config import POOL_STRATEGIES, SelectConfig
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
@@ -24,6 +25,7 @@ from medcurate.ingest.sources import CORE_COLUMNS
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import write_report
 from medcurate.select import select, strategy_params
+from medcurate.select.synthesis import publish_synthetic, synthetic_collection_name
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 SELECTION_FILE = "selection.parquet"
@@ -37,7 +39,8 @@ MISSING = "(missing)"
 def default_selection_id(config: SelectConfig, collection: str) -> str:
     digest = hashlib.sha256(json.dumps(config.model_dump(exclude={"overwrite"}),
                                        sort_keys=True).encode()).hexdigest()[:8]
-    return f"{collection}-{config.strategy}-n{config.budget_per_class}-s{config.seed}-{digest}"
+    size = f"f{config.fraction:g}" if config.fraction else f"n{config.budget_per_class}"
+    return f"{collection}-{config.strategy}-{size}-s{config.seed}-{digest}"
 
 
 def ray_transform_map(fn, chunks: list) -> list:
@@ -104,9 +107,8 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     run_record = workspace.provenance("embeddings", config.embedding_run)
     collection = run_record["summary"]["collection"]
     selection_id = config.selection_id or default_selection_id(config, collection)
-    if workspace.exists("selections", selection_id) and not config.overwrite:
-        raise MedcurateError(f"selection {selection_id!r} already exists; pass --overwrite or "
-                             "--selection-id NEW")
+    workspace.refuse_existing("selections", selection_id, config.overwrite,
+                              "--selection-id NEW")
     params = config.strategy_params()
     accepted = strategy_params(config.strategy)
     unused = sorted(set(params) - set(accepted))
@@ -117,6 +119,8 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
         # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
         params["transform_map"] = ray_transform_map
     rows, X = load_embeddings(workspace, config.embedding_run)
+    if config.splits:
+        rows, X = _in_splits(rows, X, config.splits)
     manifest = read_manifest(workspace, collection)
     metadata = manifest.take(rows.column("row"))
     missing = [c for c in config.stratify_by if c not in metadata.column_names]
@@ -124,7 +128,9 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
         raise MedcurateError(f"--stratify-by: collection {collection!r} has no column "
                              f"{', '.join(missing)}; columns: {', '.join(metadata.column_names)}")
     labels = np.array(rows.column("label").to_pylist(), dtype=object)
-    if any(label is None for label in labels):
+    if config.strategy in POOL_STRATEGIES:  # labels are ignored; the summary counts them
+        labels = _values(rows, "label")
+    elif any(label is None for label in labels):
         raise MedcurateError(f"collection {collection!r} has unlabeled images; selection keeps a "
                              "budget per class, so every image needs a label")
     labels = labels.astype(str)
@@ -144,6 +150,20 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     summary = build_summary(config, labels, selected, result.point_groups, chart_values, notes)
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
                    collection=collection, backend=backends.backend_name())
+    inputs = [InputRef(role="embedding_run", uri=config.embedding_run,
+                       sha256=_digest_outputs(run_record)),
+              InputRef(role="collection", uri=collection,
+                       sha256=workspace.provenance("collections", collection)
+                       ["outputs"][MANIFEST_FILE]["sha256"])]
+    if config.fraction is not None:
+        summary.update(fraction=config.fraction, pretraining_images=int(selected.sum()))
+    if result.synthesis is not None:
+        synthetic = synthetic_collection_name(selection_id)
+        made = publish_synthetic(workspace, synthetic, result.synthesis, metadata,
+                                 selection_id=selection_id, inputs=inputs,
+                                 params=config.strategy_params(), overwrite=config.overwrite)
+        summary.update(synthetic_collection=synthetic, synthesised=made["ingested"],
+                       pretraining_images=int(selected.sum()) + made["ingested"])
 
     ids = rows.column("id")
     ranks = _ranks_within_class(labels[chosen])
@@ -174,15 +194,21 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
         record = Provenance(
             kind="selection", key=selection_id, started_at=started,
             config=config.model_dump(), seed=config.seed, model=run_record.get("model"),
-            inputs=[InputRef(role="embedding_run", uri=config.embedding_run,
-                             sha256=_digest_outputs(run_record)),
-                    InputRef(role="collection", uri=collection,
-                             sha256=workspace.provenance("collections", collection)
-                             ["outputs"][MANIFEST_FILE]["sha256"])],
+            inputs=inputs,
             summary={**{k: v for k, v in summary.items() if k != "metadata"},
                      "strategy_info": _json_ready(result.info)})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return summary
+
+
+def _in_splits(rows: pa.Table, X: np.ndarray, splits: list[str]) -> tuple[pa.Table, np.ndarray]:
+    present = set(rows.column("split").to_pylist())
+    unknown = sorted(set(splits) - present)
+    if unknown:
+        raise MedcurateError(f"--splits: no image is in split {', '.join(unknown)}; splits: "
+                             f"{', '.join(sorted(str(s) for s in present))}")
+    keep = np.isin(np.array(rows.column("split").to_pylist(), dtype=object), splits)
+    return rows.filter(pa.array(keep)), X[keep]
 
 
 def _ranks_within_class(labels: np.ndarray) -> list[int]:
@@ -215,3 +241,15 @@ def _json_ready(value):
 
 def read_selection(workspace: Workspace, selection_id: str) -> pa.Table:
     return workspace.read_table(f"{workspace.require('selections', selection_id)}/{SELECTION_FILE}")
+
+
+def selection_rows(workspace: Workspace, key: str) -> tuple[str, pa.Table]:
+    """The selection's collection and the manifest rows of its images."""
+    collection = workspace.provenance("selections", key)["summary"]["collection"]
+    ids = read_selection(workspace, key).column("id")
+    manifest = read_manifest(workspace, collection)
+    rows = manifest.filter(pc.is_in(manifest["id"], value_set=ids))
+    if rows.num_rows != len(ids):
+        raise MedcurateError(f"selection {key!r}: {len(ids) - rows.num_rows} of its ids are not "
+                             f"in collection {collection!r} (was it re-ingested?)")
+    return collection, rows

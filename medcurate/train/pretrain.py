@@ -33,11 +33,11 @@ import torch
 from medcurate.config import PretrainConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
-from medcurate.ingest.decode import load_image
+from medcurate.ingest.decode import load_rows
 from medcurate.models.mae import build_mae, save_checkpoint
 from medcurate.models.preprocess import Preprocessing, preprocess_batch
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
-from medcurate.runtime import ensure_ray, gpu_count, stage_resources
+from medcurate.runtime import ensure_ray, stage_resources, training_gpu
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 MODEL_FILE = "model.pt"
@@ -46,18 +46,9 @@ NORM_SAMPLE = 256
 _BLOCK_ROWS = 256  # Ray Data blocks, so several decode tasks can run in parallel
 _DECODE_COLUMNS = ("uri", "member", "window_center", "window_width")
 # -- data ---------------------------------------------------------------------------------------
-def _optional_float(value) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _decode_rows(rows: dict) -> list[np.ndarray]:
-    return [load_image(uri, member, _optional_float(center), _optional_float(width))
-            for uri, member, center, width in zip(*(rows[c] for c in _DECODE_COLUMNS))]
-
-
 def _decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing) -> dict[str, np.ndarray]:
     """Ray Data UDF: manifest rows -> normalised inputs, prepared exactly as for embedding."""
-    return {"image": preprocess_batch(_decode_rows(batch), prep)}
+    return {"image": preprocess_batch(load_rows(batch), prep)}
 
 
 def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float], list[float]]:
@@ -65,7 +56,7 @@ def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float]
     rng = np.random.default_rng(config.seed)
     take = np.sort(rng.choice(table.num_rows, min(NORM_SAMPLE, table.num_rows), replace=False))
     rows = table.take(take).to_pydict()
-    images = _decode_rows(rows)
+    images = load_rows(rows)
     unscaled = Preprocessing(config.img_size, config.in_chans, (0.0,), (1.0,))
     pixels = preprocess_batch(images, unscaled)
     mean = pixels.mean(axis=(0, 2, 3))
@@ -73,17 +64,57 @@ def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float]
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def _training_rows(workspace: Workspace, config: PretrainConfig) -> pa.Table:
-    table = read_manifest(workspace, config.collection)
+def _decode_columns(table: pa.Table) -> pa.Table:
     for column in ("window_center", "window_width"):
         if column not in table.column_names:  # only DICOM collections have them
             table = table.append_column(column, pa.nulls(table.num_rows, pa.float64()))
-    if "split" in table.column_names and pc.any(pc.equal(table["split"], "train")).as_py():
-        table = table.filter(pc.equal(table["split"], "train"))
+    return table.select(list(_DECODE_COLUMNS))
+
+
+def _selection_images(workspace: Workspace, config: PretrainConfig) -> tuple[list[pa.Table],
+                                                                              list[InputRef]]:
+    """The selection's images and those it synthesised, with their provenance references."""
+    from medcurate.select.run import selection_rows
+
+    workspace.require("selections", config.selection)
+    collection, rows = selection_rows(workspace, config.selection)
+    if collection != config.collection:
+        raise MedcurateError(f"selection {config.selection!r} was made from collection "
+                             f"{collection!r}, not {config.collection!r}")
+    ids = "\n".join(sorted(rows.column("id").to_pylist())).encode()
+    tables = [rows]
+    inputs = [InputRef(role="selection", uri=workspace.path("selections", config.selection),
+                       sha256=hashlib.sha256(ids).hexdigest())]
+    synthetic = workspace.provenance("selections", config.selection)["summary"].get(
+        "synthetic_collection")
+    if synthetic:
+        tables.append(read_manifest(workspace, synthetic))
+        inputs.append(InputRef(role="synthetic_collection",
+                               uri=workspace.path("collections", synthetic),
+                               sha256=_collection_sha256(workspace, synthetic)))
+    return tables, inputs
+
+
+def _training_rows(workspace: Workspace, config: PretrainConfig) -> tuple[pa.Table,
+                                                                           list[InputRef]]:
+    """The rows to train on (decode columns only) and the inputs they come from: the
+    collection's 'train' split (every image where it has none), or a selection's images."""
+    workspace.require("collections", config.collection)
+    inputs = [InputRef(role="collection", uri=workspace.path("collections", config.collection),
+                       sha256=_collection_sha256(workspace, config.collection))]
+    if config.selection:
+        tables, more = _selection_images(workspace, config)
+        inputs += more
+    else:
+        table = read_manifest(workspace, config.collection)
+        if "split" in table.column_names and pc.any(pc.equal(table["split"], "train")).as_py():
+            table = table.filter(pc.equal(table["split"], "train"))
+        tables = [table]
+    table = pa.concat_tables([_decode_columns(t) for t in tables])
     # A seeded shuffle, so a manifest sorted by class still gives mixed batches (Ray Data only
     # shuffles within a local buffer), and so max_images takes a random subset.
     order = np.random.default_rng(config.seed).permutation(table.num_rows)
-    return table.take(order[:config.max_images]).select(list(_DECODE_COLUMNS)).combine_chunks()
+    return table.take(order[:config.max_images]).combine_chunks(), inputs
 
 
 # -- the training loop (runs in each Ray Train worker) -------------------------------------------
@@ -165,10 +196,11 @@ def _collection_sha256(workspace: Workspace, collection: str) -> str | None:
     return (outputs.get(MANIFEST_FILE) or {}).get("sha256")
 
 
-def _run_name(config: PretrainConfig, manifest_sha: str | None) -> str:
-    """Same config and same collection content -> same run, which Ray Train resumes."""
+def _run_name(config: PretrainConfig, inputs: list[InputRef]) -> str:
+    """Same config and same input content -> same run, which Ray Train resumes."""
     settings = config.model_dump(exclude={"overwrite", "use_gpu", "num_workers"})
-    digest = hashlib.sha256(json.dumps([settings, manifest_sha], sort_keys=True).encode())
+    contents = [ref.sha256 for ref in inputs]
+    digest = hashlib.sha256(json.dumps([settings, contents], sort_keys=True).encode())
     return f"pretrain-{config.model_name[:100]}-{digest.hexdigest()[:12]}"
 
 
@@ -181,30 +213,17 @@ def _file_ref(path: str) -> OutputRef:
     return OutputRef(sha256=digest.hexdigest(), bytes=size)
 
 
-def _use_gpu(config: PretrainConfig) -> bool:
-    gpus = gpu_count()
-    if config.use_gpu and gpus < config.num_workers:
-        raise MedcurateError(f"use_gpu needs {config.num_workers} GPU(s); Ray has {gpus}")
-    return gpus >= config.num_workers if config.use_gpu is None else config.use_gpu
-
-
 def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict:
     """Pretrain an MAE on a collection and publish it as ``models/<name>/``; returns a summary."""
     workspace = workspace or Workspace()
     started = utc_now()
     name = config.model_name
     ensure_ray()
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if cpus < config.num_workers + 1:  # a worker per CPU would starve the decode tasks: hang
-        raise MedcurateError(f"{config.num_workers} training worker(s) need at least "
-                             f"{config.num_workers + 1} CPUs in Ray (one left for decoding); "
-                             f"Ray has {cpus}")
-    use_gpu = _use_gpu(config)
-    table = _training_rows(workspace, config)
+    use_gpu = training_gpu(config.num_workers, config.use_gpu)
+    table, inputs = _training_rows(workspace, config)
     if table.num_rows == 0:
         raise MedcurateError(f"collection {config.collection!r} has no images to train on")
-    manifest_sha = _collection_sha256(workspace, config.collection)
-    run_name = _run_name(config, manifest_sha)
+    run_name = _run_name(config, inputs)
     mean, std = _normalisation(table, config)
 
     model_args = dict(arch=config.arch, img_size=config.img_size, patch_size=config.patch_size,
@@ -250,9 +269,7 @@ def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict
                         meta={"collection": config.collection, "name": name, **summary})
         record = Provenance(
             kind="model", key=name, started_at=started, config=config.model_dump(),
-            inputs=[InputRef(role="collection", uri=workspace.path("collections",
-                                                                   config.collection),
-                             sha256=manifest_sha)],
+            inputs=inputs,
             outputs={MODEL_FILE: _file_ref(f"{staging}/{MODEL_FILE}")},
             model={**model.config, "mean": mean, "std": std},
             seed=config.seed, summary=summary)
