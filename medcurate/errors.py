@@ -1,4 +1,5 @@
-"""The one exception type meant for users: its message is shown as is, without a traceback."""
+"""The exception types meant for users: the message is shown as is, without a traceback;
+the subclasses only tell the HTTP service which 4xx to answer."""
 
 
 class MedcurateError(ValueError):
@@ -6,3 +7,12 @@ class MedcurateError(ValueError):
 
     The CLI prints it and exits non-zero; the HTTP service answers it with a 4xx.
     """
+
+
+class NotFound(MedcurateError):
+    """The request names an artefact that does not exist (the HTTP service answers 404)."""
+
+
+class AlreadyExists(MedcurateError):
+    """The artefact to write exists and no overwrite was asked for (the HTTP service answers
+    409): also what the later of two concurrent writers of one key gets."""

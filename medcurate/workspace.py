@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from medcurate.errors import MedcurateError
+from medcurate.errors import AlreadyExists, MedcurateError, NotFound
 
-ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "jobs", "scores")
+ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "jobs", "scores",
+                  "audits", "comparisons")
 PROVENANCE_FILE = "provenance.json"
 STAGING_DIR = ".staging"
 DEFAULT_WORKSPACE = "./medcurate-workspace"
@@ -78,6 +79,14 @@ class Workspace:
             raise MedcurateError(f"{self.uri} is not a local workspace")
         return Path(self.path(kind, key, *parts))
 
+    def location(self, kind: str, key: str, *parts: str) -> str:
+        """Where a file of an artefact is, as a manifest ``uri`` (read back through pyarrow.fs
+        from any node): a local path, or the object-store path with the workspace's scheme."""
+        path = self.path(kind, key, *parts)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return path
+        return f"{self.uri.split('://', 1)[0]}://{path}"
+
     def exists(self, kind: str, key: str) -> bool:
         return self._is_file(self.path(kind, key, PROVENANCE_FILE))
 
@@ -99,7 +108,7 @@ class Workspace:
         """The artefact's folder, or a clear error naming what exists."""
         if not self.exists(kind, key):
             known = ", ".join(self.list(kind)) or "none"
-            raise MedcurateError(
+            raise NotFound(
                 f"no {kind[:-1]} named {key!r} in workspace {self.uri} (known: {known})"
             )
         return self.path(kind, key)
@@ -144,21 +153,25 @@ class Workspace:
         The caller writes every file, provenance last, into the yielded folder. On success the
         folder replaces ``<kind>/<key>``; on any error it is deleted and an earlier artefact of
         the same key is left untouched. Without ``overwrite`` an existing artefact is an error
-        raised before any work starts.
+        raised before any work starts, and again before publishing: of two writers of one key
+        at once (two HTTP requests), the later gets ``AlreadyExists`` and replaces nothing.
         """
         final = self.path(kind, key)
-        if self.exists(kind, key) and not overwrite:
-            raise MedcurateError(
-                f"{kind[:-1]} {key!r} already exists in {self.uri}; "
-                "pass --overwrite to replace it or choose another name"
-            )
+        self.refuse_existing(kind, key, overwrite)
         staging = "/".join([self.root, kind, STAGING_DIR, f"{key}-{uuid.uuid4().hex[:12]}"])
         self.fs.create_dir(staging, recursive=True)
         try:
             yield staging
             if not self._is_file(f"{staging}/{PROVENANCE_FILE}"):
                 raise RuntimeError(f"staged {kind[:-1]} {key!r} has no provenance")
-            self._publish(staging, final)
+            self.refuse_existing(kind, key, overwrite)
+            try:
+                self._publish(staging, final)
+            except OSError as exc:
+                if not self.exists(kind, key):
+                    raise
+                raise AlreadyExists(f"{kind[:-1]} {key!r} was published by another writer at "
+                                    "the same time; this run published nothing") from exc
         except BaseException:
             self._delete_quietly(staging, directory=True)
             raise
@@ -172,11 +185,20 @@ class Workspace:
         try:
             self.fs.move(staging, final)
         except BaseException:
-            if retired:
+            if retired and self.fs.get_file_info(final).type == pafs.FileType.NotFound:
                 self.fs.move(retired, final)
+            elif retired:  # another writer's artefact took the place: the retired one is stale
+                self._delete_quietly(retired, directory=True)
             raise
         if retired:
             self._delete_quietly(retired, directory=True)
+
+    def refuse_existing(self, kind: str, key: str, overwrite: bool,
+                        rename: str = "choose another name") -> None:
+        """Fail before any work when the artefact exists and no overwrite was asked for."""
+        if self.exists(kind, key) and not overwrite:
+            raise AlreadyExists(f"{kind[:-1]} {key!r} already exists in {self.uri}; "
+                                f"pass --overwrite to replace it or {rename}")
 
     def _is_file(self, path: str) -> bool:
         return self.fs.get_file_info(path).type == pafs.FileType.File
