@@ -18,7 +18,7 @@ Evaluation: the frozen encoder's features, a logistic-regression probe on the la
 split (all labels, and 40 labels: mean of 10 class-balanced draws), AUC on the test split.
 Several seeds: the seed drives selection, subset, initialisation and masking.
 
-    .venv/bin/python bench/pretrain_selection.py            # 3 seeds, 10 epochs (~1 h on 2 cores)
+    .venv/bin/python bench/pretrain_selection.py            # 3 seeds, 10 epochs: 73 min, 2 cores
     .venv/bin/python bench/pretrain_selection.py --quick    # 1 seed, 1 epoch: a smoke run
 """
 

@@ -114,13 +114,14 @@ def _donors(pool: np.ndarray, clusters: np.ndarray, bases: np.ndarray,
     for cluster in np.unique(clusters[bases]):
         which = np.flatnonzero(clusters[bases] == cluster)
         others = pool[clusters[pool] != cluster]
-        if not len(others):
-            others = pool
+        if len(others):
+            donors[which] = others[rng.integers(len(others), size=(len(which), DONOR_TRIES))]
+            continue
+        if len(pool) < 2:
+            raise MedcurateError("synthesis needs at least two images in the hard pool; "
+                                 "raise hard_share or set synth_share 0")
         for i in which:
-            candidates = others[others != bases[i]]
-            if not len(candidates):
-                raise MedcurateError("synthesis needs at least two images in the hard pool; "
-                                     "raise hard_share or set synth_share 0")
+            candidates = pool[pool != bases[i]]
             donors[i] = candidates[rng.integers(len(candidates), size=DONOR_TRIES)]
     return donors
 
