@@ -138,17 +138,18 @@ def test_select_config_wants_fraction_for_optidel_and_a_budget_otherwise(params,
 # -- the commands on real BreastMNIST ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def breast(tmp_path_factory, shared_data, ray_session):
-    """BreastMNIST's train split (written as PNGs in class folders, so that only the 546
-    training images are embedded) embedded with MobileNetV2, and an OptiDEL selection of 5%."""
+    """BreastMNIST's train split as PNGs (so that only its 546 images are embedded), every
+    fourth one unlabeled (outside the class folders, ingested with --unlabeled): OptiDEL must
+    take labelled and unlabeled images alike. Embedded with MobileNetV2, 5% selected."""
     root = tmp_path_factory.mktemp("optidel")
     data = np.load(shared_data / "breastmnist" / "breastmnist.npz")
     for index, (image, label) in enumerate(zip(data["train_images"], data["train_labels"][:, 0],
                                                strict=True)):
-        folder = root / "breast" / "train" / str(label)
+        folder = root / "breast" / "train" / ("" if index % 4 == 0 else str(label))
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{index:03d}.png")
     workspace = Workspace(str(root / "ws"))
-    ingest(IngestConfig(source=str(root / "breast"), name="breast"), workspace)
+    ingest(IngestConfig(source=str(root / "breast"), name="breast", unlabeled=True), workspace)
     run = embed(EmbedConfig(collection="breast", model="mobilenetv2-imagenet"), workspace)
     summary = run_selection(SelectConfig(embedding_run=run["run_id"], strategy="optidel",
                                          fraction=FRACTION, splits=["train"], patch_size=7),
@@ -264,16 +265,14 @@ def test_pretrain_trains_only_on_the_selection_and_its_synthetic_images(breast):
                                 selection=summary["selection_id"]), workspace)
 
 
-def test_optidel_works_on_an_unlabeled_collection(breast):
-    """The synthetic collection is unlabeled: embed it and select from it."""
-    workspace, _, summary = breast
-    run = embed(EmbedConfig(collection=summary["synthetic_collection"],
-                            model="mobilenetv2-imagenet"), workspace)
-    result = run_selection(SelectConfig(embedding_run=run["run_id"], strategy="optidel",
-                                        fraction=0.5, synth_share=0.0, n_clusters=3),
-                           workspace)
-    assert result["selected"] == 7 and result["classes"] == {"(missing)": {"archive": 14,
-                                                                           "selected": 7}}
+def test_optidel_takes_unlabeled_images_where_budgeted_strategies_refuse_them(breast):
+    workspace, run_id, summary = breast
+    archive = {label: counts["archive"] for label, counts in summary["classes"].items()}
+    assert archive == {"(missing)": 137, "0": 103, "1": 306}
+    assert sum(counts["selected"] for counts in summary["classes"].values()) == 13
+    with pytest.raises(MedcurateError, match="unlabeled images"):
+        run_selection(SelectConfig(embedding_run=run_id, strategy="kcenter",
+                                   budget_per_class=5), workspace)
 
 
 # -- theory -------------------------------------------------------------------------------------
