@@ -28,24 +28,23 @@ import argparse
 import csv
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-# One thread for every numeric library of this process, set before numpy is first imported
-# (see single_threaded_numerics): the same numbers on every machine, whatever its core count.
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_variable] = "1"
+from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
+    HAM_SPLIT_SEED, HAM_TEST_SHARE, HELD_OUT_SITE, RESULTS, SOURCES, Timings, check_against,
+    DEFAULT_DATA, check_data, comma, ensure_collection, ensure_embedding, fmt, ingest_config, log,
+    machine, single_threaded_numerics, split_counts, welch)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-selection-study"
-DEFAULT_OUT = REPO / "docs" / "results" / "selection_study"
+DEFAULT_OUT = RESULTS / "selection_study"
 MODEL = "mobilenetv2-imagenet"
+# The study's data sets (BreastMNIST is too small for budgets of 100 per class).
+DATASETS = {name: SOURCES[name] for name in ("ham10000-iid", "ham10000-ood", "brain-tumor-mri",
+                                             "pneumoniamnist")}
 
 STRATEGIES = ["confounder-aware", "random", "stratified", "kcenter", "herding",
               "facility-location", "typicality"]
@@ -58,103 +57,6 @@ METRICS = ["auc", "balanced-accuracy"]
 # the validation loss keeping the best epoch. Fixed before any result was seen.
 PROTOCOL = {"mode": "linear", "augment": False, "epochs": 100, "patience": 10, "lr": 1e-3,
             "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2}
-
-HAM_SPLIT_SEED = 0
-HAM_TEST_SHARE = 0.2
-# Test site of the o.o.d. split. Images per class (dx) and site in metadata.csv:
-#            akiec  bcc  bkl  df  mel   nv  vasc   all
-# rosendahl    172  176  287  11  178  433     2  1259
-# vidir_modern  11   83  204  21  261  737    29  1346
-# vidir_molemax  0    2   85  26   17 2983    46  3159
-# vienna_dias    0    3    7   2   35  170     3   220
-# vidir_modern is the only site whose test set holds every class (11 to 737 images each, six
-# of seven classes 21+) while the other three sites still train every class (39 to 3,586).
-# Holding out rosendahl would leave 11 akiec to train on and 2 vasc to test; vidir_molemax
-# has no akiec and 2 bcc; vienna_dias is 220 images with 0-3 of four classes.
-HELD_OUT_SITE = "vidir_modern"
-
-DATASETS = {
-    "ham10000-iid": "HAM10000, i.i.d. split (stratified 80/20, seed 0)",
-    "ham10000-ood": f"HAM10000, o.o.d. split (test: held-out site {HELD_OUT_SITE})",
-    "brain-tumor-mri": "Brain tumour MRI (Training/Testing)",
-    "pneumoniamnist": "PneumoniaMNIST (official train/val/test)",
-}
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
-# -- sources ------------------------------------------------------------------------------------
-def ham_manifest(data: Path, inputs: Path, kind: str) -> Path:
-    """Write the HAM10000 CSV manifest (path, dx, split, metadata) of one split; rows in
-    image_id order, the same bytes on every run."""
-    import pandas as pd
-    from sklearn.model_selection import train_test_split
-
-    meta = pd.read_csv(data / "ham10000" / "metadata.csv").sort_values("image_id")
-    meta = meta.reset_index(drop=True)
-    images = data / "ham10000" / "images"
-    meta.insert(0, "path", [str(images / f"{i}.jpg") for i in meta["image_id"]])
-    missing = [p for p in meta["path"] if not Path(p).is_file()]
-    if missing:
-        sys.exit(f"error: {len(missing)} HAM10000 images listed in metadata.csv are missing, "
-                 f"e.g. {missing[0]}")
-    if kind == "iid":
-        _, test = train_test_split(meta.index.to_numpy(), test_size=HAM_TEST_SHARE,
-                                   random_state=HAM_SPLIT_SEED, stratify=meta["dx"])
-        split = ["test" if i in set(test) else "train" for i in meta.index]
-    else:
-        split = ["test" if s == HELD_OUT_SITE else "train" for s in meta["site"]]
-    meta.insert(3, "split", split)
-    inputs.mkdir(parents=True, exist_ok=True)
-    path = inputs / f"ham10000-{kind}.csv"
-    text = meta.to_csv(index=False, lineterminator="\n")
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path
-
-
-def ingest_config(name: str, data: Path, inputs: Path):
-    from medcurate.config import IngestConfig
-
-    if name.startswith("ham10000-"):
-        source = ham_manifest(data, inputs, name.split("-")[1])
-        return IngestConfig(source=str(source), name=name, format="csv", path_column="path",
-                            label_column="dx", split_column="split")
-    if name == "brain-tumor-mri":
-        return IngestConfig(source=str(data / "brain-tumor-mri"), name=name, format="folder")
-    return IngestConfig(source=str(data / "pneumoniamnist" / "pneumoniamnist.npz"), name=name,
-                        format="npz")
-
-
-def required_paths(name: str, data: Path) -> list[Path]:
-    return {"ham10000-iid": [data / "ham10000" / "metadata.csv", data / "ham10000" / "images"],
-            "ham10000-ood": [data / "ham10000" / "metadata.csv", data / "ham10000" / "images"],
-            "brain-tumor-mri": [data / "brain-tumor-mri" / "Training",
-                                data / "brain-tumor-mri" / "Testing"],
-            "pneumoniamnist": [data / "pneumoniamnist" / "pneumoniamnist.npz"]}[name]
-
-
-# -- process settings ----------------------------------------------------------------------------
-def single_threaded_numerics() -> None:
-    """One thread for torch, BLAS and FAISS in this process (Ray's embedding actors set
-    their own threads). Two reasons, both measured here:
-
-    - Reproducibility: PCA's output differs in the last bits between one and two OpenBLAS
-      threads, and UMAP turns that into a different map, so confounder-aware selection picks
-      other images (same seed, same data) on a machine with another core count. With the
-      thread count fixed, every selection and number repeats exactly.
-    - Speed on a shared machine: with two OpenMP threads the ceiling's head training was up
-      to 40x slower whenever another job held a core (10 epochs: 120 s instead of 1.3 s)."""
-    import faiss
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
-    threadpool_limits(1)
-    faiss.omp_set_num_threads(1)
-
 
 def cache_pure_steps() -> None:
     """Memoise two pure library steps that ``compare_selections`` repeats unchanged:
@@ -203,66 +105,6 @@ def cache_pure_steps() -> None:
 
 
 # -- stages ------------------------------------------------------------------------------------
-class Timings:
-    """Seconds each artefact took when it was computed, kept in the workspace, so a re-run
-    that reuses artefacts still reports what computing them cost."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def record(self, key: str, seconds: float) -> None:
-        self.data[key] = {"seconds": round(seconds, 1), "at": datetime.now().isoformat(
-            timespec="seconds")}
-        self.path.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-
-    def get(self, key: str) -> float | None:
-        return self.data.get(key, {}).get("seconds")
-
-
-def ensure_collection(config, workspace, timings: Timings) -> dict:
-    from medcurate.ingest import ingest
-
-    key = f"ingest/{config.name}"
-    if workspace.exists("collections", config.name):
-        record = workspace.provenance("collections", config.name)
-        if record["config"] != config.model_dump():
-            sys.exit(f"error: collection {config.name!r} in {workspace.uri} was ingested with "
-                     "other settings; use another --workspace")
-        log(f"ingest {config.name}: reused")
-        return {**record["summary"], "reused": True, "seconds": timings.get(key)}
-    log(f"ingest {config.name} from {config.source}")
-    start = time.perf_counter()
-    summary = ingest(config, workspace)
-    timings.record(key, time.perf_counter() - start)
-    log(f"ingest {config.name}: {summary['ingested']} images, {summary['rejected']} rejected, "
-        f"{timings.get(key):.0f} s")
-    return {**summary, "reused": False, "seconds": timings.get(key)}
-
-
-def ensure_embedding(collection: str, workspace, timings: Timings) -> dict:
-    from medcurate.config import EmbedConfig
-    from medcurate.embed import default_run_id, embed
-
-    config = EmbedConfig(collection=collection, model=MODEL)
-    run_id = default_run_id(config)
-    key = f"embed/{run_id}"
-    if workspace.exists("embeddings", run_id):
-        log(f"embed {collection}: reused {run_id}")
-        return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True,
-                "seconds": timings.get(key)}
-    log(f"embed {collection} with {MODEL}")
-    start = time.perf_counter()
-    summary = embed(config, workspace)
-    seconds = time.perf_counter() - start
-    if summary.get("resumed_shards"):
-        seconds += timings.get(key) or 0.0  # an interrupted earlier attempt did part of it
-    timings.record(key, seconds)
-    log(f"embed {collection}: {summary['rows']} images in {seconds:.0f} s "
-        f"({summary['rows'] / seconds:.1f} images/s overall)")
-    return {**summary, "reused": False, "seconds": timings.get(key)}
-
-
 def compare_config(run_id: str, dataset: str, args):
     from medcurate.config import CompareConfig
 
@@ -310,44 +152,6 @@ def selection_seconds(workspace, records: list[dict]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in totals.items()}
 
 
-# -- data facts -------------------------------------------------------------------------------
-def split_counts(workspace, collection: str) -> dict[str, dict[str, int]]:
-    from collections import Counter
-
-    from medcurate.ingest import read_manifest
-
-    table = read_manifest(workspace, collection, columns=["label", "split"])
-    counts = Counter(zip(table.column("split").to_pylist(), table.column("label").to_pylist()))
-    out: dict[str, dict[str, int]] = {}
-    for (split, label), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        out.setdefault(str(split), {})[str(label)] = n
-    return out
-
-
-# -- statistics --------------------------------------------------------------------------------
-def interval(values: list[float]) -> dict:
-    from medcurate.train.evaluation import mean_interval
-
-    return mean_interval(values)
-
-
-def welch(a: list[float], b: list[float]) -> dict:
-    """Mean of a − b with a Welch 95% interval (the seeds of two strategies are independent
-    draws; nothing pairs them)."""
-    import numpy as np
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    diff = float(a.mean() - b.mean())
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = float(np.sqrt(va + vb))
-    if se == 0:
-        return {"diff": diff, "low": diff, "high": diff}
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, dof) * se)
-    return {"diff": diff, "low": diff - half, "high": diff + half}
-
-
 def values_of(records: list[dict], strategy: str, budget, metric: str) -> list[float]:
     return [float(r["value"]) for r in records if r["strategy"] == strategy
             and (budget is None or int(r["budget"]) == budget) and r["metric"] == metric
@@ -367,9 +171,10 @@ def contrasts(records: list[dict], strategies: list[str], budgets: list[int]) ->
             if "confounder-aware" in means:
                 ca = values_of(records, "confounder-aware", budget, metric)
                 entry["confounder_aware_rank"] = order.index("confounder-aware") + 1
-                if "random" in means:
-                    entry["ca_minus_random"] = welch(ca, values_of(records, "random", budget,
-                                                                   metric))
+                for baseline in ("random", "stratified"):
+                    if baseline in means:
+                        entry[f"ca_minus_{baseline}"] = welch(ca, values_of(
+                            records, baseline, budget, metric))
                 other = next(s for s in order if s != "confounder-aware")
                 entry["best_other"] = other
                 entry["ca_minus_best_other"] = welch(ca, values_of(records, other, budget,
@@ -379,14 +184,6 @@ def contrasts(records: list[dict], strategies: list[str], budgets: list[int]) ->
 
 
 # -- outputs -----------------------------------------------------------------------------------
-def fmt(entry: dict) -> str:
-    if entry["mean"] is None:
-        return "n/a"
-    if entry["low"] is None:
-        return f"{entry['mean']:.3f}"
-    return f"{entry['mean']:.3f} ± {(entry['high'] - entry['low']) / 2:.3f}"
-
-
 def markdown_table(result: dict, metric: str) -> str:
     budgets, table = result["budgets"], result["metrics"]
     header = "| strategy | " + " | ".join(f"N = {b}" for b in budgets) + " |"
@@ -415,7 +212,11 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{PROTOCOL['weight_decay']:g}, batch {PROTOCOL['batch_size']}, no augmentation; "
              f"seeds {report['seeds']}. Cells: mean ± half-width of the 95% t-interval over "
              "seeds; bold: best mean at that budget. N: images per class (a class with fewer "
-             "training images is taken whole).", ""]
+             "training images is taken whole). `random` draws N × classes images uniformly "
+             "from the whole train split (the class mix follows the archive's, so rare "
+             "classes may get none); `stratified` draws N at random within each class. The "
+             "ceiling trains on the whole train split (its validation share held out), "
+             "class-imbalanced as it is.", ""]
     for name, result in report["datasets"].items():
         parts += [f"## {result['title']}", "",
                   f"Train {result['train_images']} / test {result['test_images']} images; "
@@ -424,16 +225,20 @@ def write_markdown(report: dict, path: Path) -> None:
             parts += [f"{metric}:", "", markdown_table(result, metric), ""]
         lines = []
         for b, entry in result["contrasts"]["auc"].items():
-            if "ca_minus_random" not in entry:
+            if "ca_minus_best_other" not in entry:
                 continue
-            r, o = entry["ca_minus_random"], entry["ca_minus_best_other"]
+            def diff(d: dict | None) -> str:
+                return "n/a" if d is None else \
+                    f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
             lines.append(f"| {b} | {entry['confounder_aware_rank']} of "
-                         f"{len(entry['ranking'])} | {r['diff']:+.3f} [{r['low']:+.3f}, "
-                         f"{r['high']:+.3f}] | {entry['best_other']}: {o['diff']:+.3f} "
-                         f"[{o['low']:+.3f}, {o['high']:+.3f}] |")
+                         f"{len(entry['ranking'])} | {diff(entry.get('ca_minus_random'))} | "
+                         f"{diff(entry.get('ca_minus_stratified'))} | {entry['best_other']}: "
+                         f"{diff(entry['ca_minus_best_other'])} |")
         if lines:
             parts += ["Confounder-aware, AUC (Welch 95% intervals of the difference):", "",
-                      "| N | rank | − random | − best other |", "| --- | --- | --- | --- |",
+                      "| N | rank | − random | − stratified | − best other |",
+                      "| --- | --- | --- | --- | --- |",
                       *lines, ""]
     parts += [f"Runtime: {report['timing']['total_compute_s'] / 60:.1f} min of compute "
               f"(ingest + embed + selections + training) on {report['machine']}.", ""]
@@ -474,7 +279,7 @@ def write_plot(report: dict, path: Path) -> None:
                         else colours(index), label=strategy, zorder=3 if main else 2)
         ceiling = result["ceiling"]["auc"]
         ax.axhline(ceiling["mean"], ls="--", color="grey", lw=1,
-                   label=f"all {result['train_images']} (ceiling)")
+                   label="whole train split (ceiling)")
         if ceiling["low"] is not None:
             ax.axhspan(ceiling["low"], ceiling["high"], color="grey", alpha=0.12, lw=0)
         ax.set_xscale("log")
@@ -507,29 +312,7 @@ def write_outputs(report: dict, rows: list[dict], prefix: Path) -> None:
     write_plot(report, prefix.with_suffix(".png"))
 
 
-def check_against(rows: list[dict], committed: Path) -> dict | None:
-    """Compare this run's per-seed values with a committed CSV on the cells both hold."""
-    if not committed.is_file():
-        return None
-    with open(committed, newline="") as handle:
-        old = {(r["dataset"], r["strategy"], r["budget"], r["seed"], r["metric"]): r["value"]
-               for r in csv.DictReader(handle)}
-    diffs = []
-    for r in rows:
-        key = (r["dataset"], r["strategy"], str(r["budget"]), str(r["seed"]), r["metric"])
-        if key in old and old[key] not in ("", "None") and r["value"] not in ("", "None"):
-            diffs.append(abs(float(old[key]) - float(r["value"])))
-    if not diffs:
-        return None
-    return {"against": str(committed), "cells": len(diffs), "identical": sum(d == 0 for d in diffs),
-            "max_abs_diff": max(diffs)}
-
-
 # -- main ---------------------------------------------------------------------------------------
-def comma(kind):
-    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -564,21 +347,13 @@ def main() -> None:
         args.seeds = args.seeds or QUICK["seeds"]
     args.datasets = args.datasets or list(DATASETS)
     args.budgets, args.seeds = args.budgets or BUDGETS, args.seeds or SEEDS
-    unknown = [d for d in args.datasets if d not in DATASETS]
-    if unknown:
+    if unknown := [d for d in args.datasets if d not in DATASETS]:
         sys.exit(f"error: unknown data set(s) {', '.join(unknown)}; choose from "
                  f"{', '.join(DATASETS)}")
-    if not args.data.is_dir():
-        sys.exit(f"error: the shared data folder {args.data} does not exist; this study needs "
-                 "the data sets of ../shared/data (see its README) or --data FOLDER")
-    absent = [str(p) for d in args.datasets for p in required_paths(d, args.data)
-              if not p.exists()]
-    if absent:
-        sys.exit(f"error: missing data under {args.data}: {', '.join(absent)}")
+    check_data(args.datasets, args.data)
     prefix = args.out or (args.workspace / "results" / "selection_study_quick" if args.quick
                           else DEFAULT_OUT)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = time.perf_counter()
     single_threaded_numerics()
     if not args.no_cache:
@@ -600,8 +375,7 @@ def main() -> None:
     report = {"command": command, "model": MODEL, "protocol": PROTOCOL, "metrics": METRICS,
               "driver_threads": 1, "memoised": not args.no_cache,
               "strategies": args.strategies, "budgets": args.budgets, "seeds": args.seeds,
-              "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
-                         f"{_memory_gib():.0f} GiB, " + ("GPU" if _has_gpu() else "no GPU"),
+              "machine": machine(),
               "ham_split": {"iid": {"seed": HAM_SPLIT_SEED, "test_share": HAM_TEST_SHARE},
                             "ood": {"held_out_site": HELD_OUT_SITE}},
               "datasets": {}, "timing": {}}
@@ -642,7 +416,8 @@ def main() -> None:
     report["timing"]["total_compute_s"] = round(compute, 1)
     report["timing"]["this_invocation_s"] = round(wall, 1)
     if args.quick or args.recompute:
-        check = check_against(rows, DEFAULT_OUT.with_suffix(".csv"))
+        check = check_against(rows, DEFAULT_OUT.with_suffix(".csv"),
+                              ["dataset", "strategy", "budget", "seed", "metric"])
         if check and prefix != DEFAULT_OUT:
             report["reproducibility"] = check
             log(f"reproducibility against {check['against']}: {check['identical']} of "
@@ -653,19 +428,6 @@ def main() -> None:
         f"{wall / 60:.1f} min")
 
 
-def _memory_gib() -> float:
-    import psutil
-
-    return psutil.virtual_memory().total / 2**30
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -1,0 +1,284 @@
+"""Shared parts of the evidence studies under bench/ (issue 9): the real data sets of
+``../shared/data`` as medcurate collections, single-threaded numerics for reproducible numbers,
+finished artefacts reused from the study's workspace with the seconds they cost, and the
+statistics and formatting every study reports with.
+
+Import this module before numpy is first imported: it pins every numeric library of the process
+to one thread (see ``single_threaded_numerics``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "docs" / "results"
+
+HAM_SPLIT_SEED = 0
+HAM_TEST_SHARE = 0.2
+# Test site of the o.o.d. split. Images per class (dx) and site in metadata.csv:
+#            akiec  bcc  bkl  df  mel   nv  vasc   all
+# rosendahl    172  176  287  11  178  433     2  1259
+# vidir_modern  11   83  204  21  261  737    29  1346
+# vidir_molemax  0    2   85  26   17 2983    46  3159
+# vienna_dias    0    3    7   2   35  170     3   220
+# vidir_modern is the only site whose test set holds every class (11 to 737 images each, six
+# of seven classes 21+) while the other three sites still train every class (39 to 3,586).
+# Holding out rosendahl would leave 11 akiec to train on and 2 vasc to test; vidir_molemax
+# has no akiec and 2 bcc; vienna_dias is 220 images with 0-3 of four classes.
+HELD_OUT_SITE = "vidir_modern"
+
+SOURCES = {  # data set name → title
+    "ham10000-iid": "HAM10000, i.i.d. split (stratified 80/20, seed 0)",
+    "ham10000-ood": f"HAM10000, o.o.d. split (test: held-out site {HELD_OUT_SITE})",
+    "brain-tumor-mri": "Brain tumour MRI (Training/Testing)",
+    "pneumoniamnist": "PneumoniaMNIST (official train/val/test)",
+    "breastmnist": "BreastMNIST (official train/val/test)",
+}
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# -- sources ------------------------------------------------------------------------------------
+def ham_manifest(data: Path, inputs: Path, kind: str) -> Path:
+    """Write the HAM10000 CSV manifest (path, dx, split, metadata) of one split; rows in
+    image_id order, the same bytes on every run."""
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    meta = pd.read_csv(data / "ham10000" / "metadata.csv").sort_values("image_id")
+    meta = meta.reset_index(drop=True)
+    images = data / "ham10000" / "images"
+    meta.insert(0, "path", [str(images / f"{i}.jpg") for i in meta["image_id"]])
+    missing = [p for p in meta["path"] if not Path(p).is_file()]
+    if missing:
+        sys.exit(f"error: {len(missing)} HAM10000 images listed in metadata.csv are missing, "
+                 f"e.g. {missing[0]}")
+    if kind == "iid":
+        _, test = train_test_split(meta.index.to_numpy(), test_size=HAM_TEST_SHARE,
+                                   random_state=HAM_SPLIT_SEED, stratify=meta["dx"])
+        split = ["test" if i in set(test) else "train" for i in meta.index]
+    else:
+        split = ["test" if s == HELD_OUT_SITE else "train" for s in meta["site"]]
+    meta.insert(3, "split", split)
+    inputs.mkdir(parents=True, exist_ok=True)
+    path = inputs / f"ham10000-{kind}.csv"
+    text = meta.to_csv(index=False, lineterminator="\n")
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def ingest_config(name: str, data: Path, inputs: Path):
+    from medcurate.config import IngestConfig
+
+    if name.startswith("ham10000-"):
+        source = ham_manifest(data, inputs, name.split("-")[1])
+        return IngestConfig(source=str(source), name=name, format="csv", path_column="path",
+                            label_column="dx", split_column="split")
+    if name == "brain-tumor-mri":
+        return IngestConfig(source=str(data / "brain-tumor-mri"), name=name, format="folder")
+    if name in ("pneumoniamnist", "breastmnist"):
+        return IngestConfig(source=str(data / name / f"{name}.npz"), name=name, format="npz")
+    raise ValueError(f"unknown data set {name!r}")
+
+
+def required_paths(name: str, data: Path) -> list[Path]:
+    return {"ham10000-iid": [data / "ham10000" / "metadata.csv", data / "ham10000" / "images"],
+            "ham10000-ood": [data / "ham10000" / "metadata.csv", data / "ham10000" / "images"],
+            "brain-tumor-mri": [data / "brain-tumor-mri" / "Training",
+                                data / "brain-tumor-mri" / "Testing"],
+            "pneumoniamnist": [data / "pneumoniamnist" / "pneumoniamnist.npz"],
+            "breastmnist": [data / "breastmnist" / "breastmnist.npz"]}[name]
+
+
+# -- process settings ----------------------------------------------------------------------------
+def single_threaded_numerics() -> None:
+    """One thread for torch, BLAS and FAISS in this process (Ray's embedding actors set
+    their own threads). Two reasons, both measured here:
+
+    - Reproducibility: PCA's output differs in the last bits between one and two OpenBLAS
+      threads, and UMAP turns that into a different map, so confounder-aware selection picks
+      other images (same seed, same data) on a machine with another core count. With the
+      thread count fixed, every selection and number repeats exactly.
+    - Speed on a shared machine: with two OpenMP threads the ceiling's head training was up
+      to 40x slower whenever another job held a core (10 epochs: 120 s instead of 1.3 s)."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+    faiss.omp_set_num_threads(1)
+
+
+# -- stages ------------------------------------------------------------------------------------
+class Timings:
+    """Seconds each artefact took when it was computed, kept in the workspace, so a re-run
+    that reuses artefacts still reports what computing them cost."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, key: str, seconds: float) -> None:
+        self.data[key] = {"seconds": round(seconds, 1), "at": datetime.now().isoformat(
+            timespec="seconds")}
+        self.path.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+
+    def get(self, key: str) -> float | None:
+        return self.data.get(key, {}).get("seconds")
+
+
+def ensure_collection(config, workspace, timings: Timings) -> dict:
+    from medcurate.ingest import ingest
+
+    key = f"ingest/{config.name}"
+    if workspace.exists("collections", config.name):
+        record = workspace.provenance("collections", config.name)
+        if record["config"] != config.model_dump():
+            sys.exit(f"error: collection {config.name!r} in {workspace.uri} was ingested with "
+                     "other settings; use another --workspace")
+        log(f"ingest {config.name}: reused")
+        return {**record["summary"], "reused": True, "seconds": timings.get(key)}
+    log(f"ingest {config.name} from {config.source}")
+    start = time.perf_counter()
+    summary = ingest(config, workspace)
+    timings.record(key, time.perf_counter() - start)
+    log(f"ingest {config.name}: {summary['ingested']} images, {summary['rejected']} rejected, "
+        f"{timings.get(key):.0f} s")
+    return {**summary, "reused": False, "seconds": timings.get(key)}
+
+
+def ensure_embedding(collection: str, workspace, timings: Timings,
+                     model: str = "mobilenetv2-imagenet", **options) -> dict:
+    from medcurate.config import EmbedConfig
+    from medcurate.embed import default_run_id, embed
+
+    config = EmbedConfig(collection=collection, model=model, **options)
+    run_id = default_run_id(config)
+    key = f"embed/{run_id}"
+    if workspace.exists("embeddings", run_id):
+        log(f"embed {collection}: reused {run_id}")
+        return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True,
+                "seconds": timings.get(key)}
+    log(f"embed {collection} with {model}")
+    start = time.perf_counter()
+    summary = embed(config, workspace)
+    seconds = time.perf_counter() - start
+    if summary.get("resumed_shards"):
+        seconds += timings.get(key) or 0.0  # an interrupted earlier attempt did part of it
+    timings.record(key, seconds)
+    log(f"embed {collection}: {summary['rows']} images in {seconds:.0f} s "
+        f"({summary['rows'] / seconds:.1f} images/s overall)")
+    return {**summary, "reused": False, "seconds": timings.get(key)}
+
+
+# -- data facts -------------------------------------------------------------------------------
+def split_counts(workspace, collection: str) -> dict[str, dict[str, int]]:
+    from collections import Counter
+
+    from medcurate.ingest import read_manifest
+
+    table = read_manifest(workspace, collection, columns=["label", "split"])
+    counts = Counter(zip(table.column("split").to_pylist(), table.column("label").to_pylist()))
+    out: dict[str, dict[str, int]] = {}
+    for (split, label), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        out.setdefault(str(split), {})[str(label)] = n
+    return out
+
+
+# -- statistics --------------------------------------------------------------------------------
+def interval(values: list[float]) -> dict:
+    from medcurate.train.evaluation import mean_interval
+
+    return mean_interval(values)
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """Mean of a − b with a Welch 95% interval (the seeds of two strategies are independent
+    draws; nothing pairs them)."""
+    import numpy as np
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    if se == 0:
+        return {"diff": diff, "low": diff, "high": diff}
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, dof) * se)
+    return {"diff": diff, "low": diff - half, "high": diff + half}
+
+
+def fmt(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    if entry["low"] is None:
+        return f"{entry['mean']:.3f}"
+    return f"{entry['mean']:.3f} ± {(entry['high'] - entry['low']) / 2:.3f}"
+
+
+def check_against(rows: list[dict], committed: Path, keys: list[str],
+                  value: str = "value") -> dict | None:
+    """Compare this run's values with a committed CSV on the rows both hold (matched on
+    ``keys``): how many are identical and the largest difference."""
+    if not committed.is_file():
+        return None
+    with open(committed, newline="") as handle:
+        old = {tuple(r[k] for k in keys): r[value] for r in csv.DictReader(handle)}
+    diffs = []
+    for r in rows:
+        key = tuple(str(r[k]) for k in keys)
+        if key in old and old[key] not in ("", "None") and str(r[value]) not in ("", "None"):
+            diffs.append(abs(float(old[key]) - float(r[value])))
+    if not diffs:
+        return None
+    return {"against": str(committed.relative_to(REPO) if committed.is_relative_to(REPO)
+                           else committed),
+            "cells": len(diffs), "identical": sum(d == 0 for d in diffs),
+            "max_abs_diff": max(diffs)}
+
+
+def comma(kind):
+    """argparse type of a comma-separated list."""
+    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
+
+
+def machine() -> str:
+    """This machine in a few words, for the record of where a study ran."""
+    import psutil
+    import torch
+
+    gpu = "GPU" if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} cores, {platform.machine()}, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}")
+
+
+def check_data(names: list[str], data: Path) -> None:
+    """Exit with one error line when a data set is unknown or its files are absent."""
+    unknown = [d for d in names if d not in SOURCES]
+    if unknown:
+        sys.exit(f"error: unknown data set(s) {', '.join(unknown)}; choose from "
+                 f"{', '.join(SOURCES)}")
+    if not data.is_dir():
+        sys.exit(f"error: the shared data folder {data} does not exist; this study needs "
+                 "the data sets of ../shared/data (see its README) or --data FOLDER")
+    absent = [str(p) for d in names for p in required_paths(d, data) if not p.exists()]
+    if absent:
+        sys.exit(f"error: missing data under {data}: {', '.join(absent)}")
