@@ -15,6 +15,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -140,6 +142,13 @@ class Timings:
             timespec="seconds")}
         self.path.write_text(json.dumps(self.data, indent=2, sort_keys=True))
 
+    @contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        """Record the seconds the block takes (nothing when it raises)."""
+        start = time.perf_counter()
+        yield
+        self.record(key, time.perf_counter() - start)
+
     def get(self, key: str) -> float | None:
         return self.data.get(key, {}).get("seconds")
 
@@ -156,9 +165,8 @@ def ensure_collection(config, workspace, timings: Timings) -> dict:
         log(f"ingest {config.name}: reused")
         return {**record["summary"], "reused": True, "seconds": timings.get(key)}
     log(f"ingest {config.name} from {config.source}")
-    start = time.perf_counter()
-    summary = ingest(config, workspace)
-    timings.record(key, time.perf_counter() - start)
+    with timings.measure(key):
+        summary = ingest(config, workspace)
     log(f"ingest {config.name}: {summary['ingested']} images, {summary['rejected']} rejected, "
         f"{timings.get(key):.0f} s")
     return {**summary, "reused": False, "seconds": timings.get(key)}

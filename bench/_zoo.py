@@ -8,7 +8,6 @@ the workspace: each model's name carries a digest of its settings) and writes th
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from _study import Timings, ensure_collection, ingest_config, log
@@ -53,9 +52,8 @@ def ensure_mae(name: str, workspace, data: Path, timings: Timings, quick: bool) 
         log(f"pretrain {config.name}: reused")
     else:
         log(f"pretrain {config.name} on {config.collection} ({config.epochs} epochs)")
-        start = time.perf_counter()
-        summary = pretrain(config, workspace)
-        timings.record(key, time.perf_counter() - start)
+        with timings.measure(key):
+            summary = pretrain(config, workspace)
         log(f"pretrain {config.name}: final loss {summary['final_loss']:.4f}, "
             f"{timings.get(key):.0f} s")
     return workspace.local_path("models", config.name) / "model.pt"
