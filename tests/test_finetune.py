@@ -17,16 +17,18 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medcurate.config import (AuditConfig, CompareConfig, EmbedConfig, FinetuneConfig,
-                              IngestConfig)
+                              IngestConfig, TrainingConfig)
 from medcurate.embed import embed
 from medcurate.errors import MedcurateError
-from medcurate.ingest import ingest
+from medcurate.ingest import ingest, read_manifest
 from medcurate.train.audit import audit
 from medcurate.train.compare import compare_selections
 from medcurate.train.evaluation import (check_metrics, classification_metrics, fold_plan,
                                         mean_interval, paired_auc_permutation)
 from medcurate.train.finetune import (METRICS_CSV, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE,
-                                      finetune, make_head, random_affine, train_head)
+                                      classes_of, finetune, fit_classifier, fit_head,
+                                      frozen_features, image_table, label_targets, make_head,
+                                      preprocessing_for, random_affine, split_rows, train_head)
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 MEDCURATE = Path(sys.executable).with_name("medcurate")
@@ -233,6 +235,34 @@ def test_tag_audit_on_pneumoniamnist_shows_the_shortcut(real):
     report = (folder / "report.html").read_text()
     assert "data:image/png;base64," in report and "Paired permutation tests" in report
     assert json.loads((folder / PROVENANCE_FILE).read_text())["config"]["confounder"] == "tag"
+
+
+def test_frozen_feature_probe_equals_the_ray_train_probe(real, tmp_path):
+    """The audit's fast path (features once, head on them) trains what the Ray Train loop
+    trains on the same rows, confounder flags and seed."""
+    workspace, _ = real
+    manifest = read_manifest(workspace, "pneumonia")
+    training = TrainingConfig(img_size=64, augment=False, epochs=8)
+    classes, _ = classes_of(split_rows(manifest, "train"), training)
+    tables = {}
+    for name, rows in (("train", 120), ("val", 60), ("test", 60)):
+        part = split_rows(manifest, name).slice(0, rows)
+        flags = np.arange(part.num_rows) % 2 == 0  # half of every set carries the tag
+        tables[name] = image_table(part, label_targets(part, classes, name), flags)
+    prep = preprocessing_for("mobilenetv2-imagenet", None, 64)
+    ray_fit = fit_classifier("mobilenetv2-imagenet", None, training, 2, tables["train"],
+                             tables["val"], {"test": tables["test"]}, prep=prep,
+                             storage=str(tmp_path), name="ray", confounder="tag", seed=3)
+    x = {name: frozen_features("mobilenetv2-imagenet", None, prep, table, "tag", 3)
+         for name, table in tables.items()}
+    y = {name: table.column("target").to_numpy() for name, table in tables.items()}
+    fast = fit_head({k: (x[k], y[k]) for k in ("train", "val")}, 2, training, 3,
+                    {"test": x["test"]})
+    assert len(fast.history) == len(ray_fit.history)
+    np.testing.assert_allclose(fast.predictions["test"], ray_fit.predictions["test"], atol=1e-4)
+    untagged = frozen_features("mobilenetv2-imagenet", None, prep, tables["test"], None, 3)
+    assert not np.allclose(untagged[::2], x["test"][::2])  # the tag reached the features
+    np.testing.assert_allclose(untagged[1::2], x["test"][1::2], atol=1e-5)
 
 
 def test_compare_selections_trains_each_strategy_and_the_ceiling(real):

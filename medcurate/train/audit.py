@@ -13,16 +13,19 @@ from __future__ import annotations
 
 
 import numpy as np
+import pyarrow as pa
 
 from medcurate.confounders import confound_mask, metadata_sample
 from medcurate.config import AuditConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.models import Preprocessing
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
 from medcurate.train.evaluation import (classification_metrics, fold_plan, mean_interval,
                                         paired_auc_permutation)
-from medcurate.train.finetune import (classes_of, fit_classifier, image_table, label_targets,
+from medcurate.train.finetune import (FitResult, classes_of, fit_classifier, fit_head,
+                                      frozen_features, image_table, label_targets,
                                       preprocessing_for, split_rows)
 from medcurate.transfer.zoo import load_zoo
 from medcurate.workspace import PROVENANCE_FILE, Workspace
@@ -61,6 +64,42 @@ class _Design:
             return index, confound_mask(y, self.positive, level, seed, role)
         chosen = metadata_sample(y, self.carriers[name][index], self.positive, level, seed, role)
         return index[chosen], None
+
+
+class _FeatureCache:
+    """Frozen-backbone features of every audited image, clean and (for image confounders)
+    confounded, per model and seed; each run's rows and flags pick from them."""
+
+    def __init__(self, config: AuditConfig, tables: dict[str, pa.Table],
+                 preps: dict[str, Preprocessing], confounder: str | None):
+        self.config, self.tables, self.preps, self.confounder = config, tables, preps, confounder
+        self.features: dict[tuple, np.ndarray] = {}
+
+    def _of(self, entry, split: str, seed: int, confounded: bool) -> np.ndarray:
+        key = (entry.name, split, seed if self.confounder else None, confounded)
+        if key not in self.features:
+            table = self.tables[split]
+            rows = image_table(table, np.zeros(table.num_rows, np.int64),
+                               np.full(table.num_rows, confounded))
+            self.features[key] = frozen_features(entry.model, entry.weights,
+                                                 self.preps[entry.name], rows, self.confounder,
+                                                 seed, self.config.batch_size)
+        return self.features[key]
+
+    def _pick(self, entry, split: str, index: np.ndarray, flags, seed: int) -> np.ndarray:
+        x = self._of(entry, split, seed, False)[index]
+        if flags is not None and self.confounder and np.any(flags):
+            x = np.where(np.asarray(flags, bool)[:, None],
+                         self._of(entry, split, seed, True)[index], x)
+        return x
+
+    def fit(self, entry, parts: dict, sources: dict, targets: dict, seed: int,
+            n_classes: int) -> FitResult:
+        x = {p: self._pick(entry, sources[p], index, flags, seed)
+             for p, (index, flags) in parts.items()}
+        y = {p: targets[sources[p]][index] for p, (index, _) in parts.items()}
+        return fit_head({p: (x[p], y[p]) for p in ("train", "val")}, n_classes, self.config,
+                        seed, {t: x[t] for t in TEST_SETS})
 
 
 def _default_id(config: AuditConfig) -> str:
@@ -108,6 +147,11 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
         folds = fold_plan(targets["train"], config.folds, config.val_fraction, config.seed)
     design = _Design(config, targets, positive, carriers)
     storage = str(workspace.local_path("jobs", audit_id))
+    confounder = None if carriers is not None else kind
+    # A linear probe without augmentation sees each image's frozen features only: compute
+    # them once per model (clean and confounded) and train every level and fold on them.
+    cache = _FeatureCache(config, tables, preps, confounder) \
+        if config.mode == "linear" and not config.augment and config.num_workers == 1 else None
     records, scores = [], {}
     for level in config.levels:
         for fold, (train_at, val_at) in enumerate(folds):
@@ -122,11 +166,14 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
             built = {p: image_table(tables[sources[p]].take(index), targets[sources[p]][index],
                                     flags) for p, (index, flags) in parts.items()}
             for entry in zoo:
-                result = fit_classifier(
-                    entry.model, entry.weights, config, len(classes), built["train"],
-                    built["val"], {t: built[t] for t in TEST_SETS}, prep=preps[entry.name],
-                    storage=storage, name=f"{entry.name}-p{level}-f{fold}",
-                    confounder=None if carriers is not None else kind, seed=seed)
+                if cache is not None:
+                    result = cache.fit(entry, parts, sources, targets, seed, len(classes))
+                else:
+                    result = fit_classifier(
+                        entry.model, entry.weights, config, len(classes), built["train"],
+                        built["val"], {t: built[t] for t in TEST_SETS}, prep=preps[entry.name],
+                        storage=storage, name=f"{entry.name}-p{level}-f{fold}",
+                        confounder=confounder, seed=seed)
                 for test in TEST_SETS:
                     y = targets["test"][parts[test][0]]
                     probs = result.predictions[test]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from medcurate.config import CompareConfig, SelectConfig
 from medcurate.embed import load_embeddings
@@ -28,8 +27,8 @@ from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
 from medcurate.select.run import read_selection, run_selection
 from medcurate.train.evaluation import classification_metrics, fold_plan, mean_interval
-from medcurate.train.finetune import (classes_of, fit_classifier, image_table, label_targets,
-                                      make_head, preprocessing_for, split_rows, train_head)
+from medcurate.train.finetune import (classes_of, fit_classifier, fit_head, image_table,
+                                      label_targets, preprocessing_for, split_rows)
 from medcurate.workspace import PROVENANCE_FILE, Workspace, validate_key
 
 RESULTS_FILE = "results.csv"
@@ -65,18 +64,11 @@ class _Trainer:
                                     {"test": image_table(test, y["test"])}, prep=self.prep,
                                     storage=self.storage, name=name, seed=seed)
             return result.predictions["test"]
-        x = {k: torch.from_numpy(np.stack([self.features[i] for i in t.column("id").to_pylist()]))
+        x = {k: np.stack([self.features[i] for i in t.column("id").to_pylist()])
              for k, t in (("train", train), ("val", val), ("test", test))}
-        torch.manual_seed(seed)
-        head = make_head(x["train"].shape[1], len(self.classes))
-        settings = {**self.config.model_dump(include={"epochs", "patience", "batch_size", "lr",
-                                                      "weight_decay"}), "seed": seed}
-        state, _ = train_head(head, (x["train"], torch.from_numpy(y["train"])),
-                              (x["val"], torch.from_numpy(y["val"])), settings)
-        head.load_state_dict(state)
-        head.eval()
-        with torch.no_grad():
-            return torch.softmax(head(x["test"]), dim=1).numpy()
+        result = fit_head({k: (x[k], y[k]) for k in ("train", "val")}, len(self.classes),
+                          self.config, seed, {"test": x["test"]})
+        return result.predictions["test"]
 
 
 def _selection(config: CompareConfig, workspace: Workspace, strategy: str, budget: int,

@@ -175,6 +175,42 @@ def _dataset(table: pa.Table, prep: Preprocessing, confounder: str | None, seed:
     return dataset.materialize() if size < _MATERIALIZE_BYTES else dataset
 
 
+def frozen_features(model: str, weights: str | None, prep: Preprocessing, table: pa.Table,
+                    confounder: str | None = None, seed: int = 0,
+                    batch_size: int = 64) -> np.ndarray:
+    """The frozen backbone's features of ``image_table`` rows, in row order, decoded in this
+    process exactly as the Ray Train workers decode them (confounder included): for linear
+    probes that reuse the same images under many settings, so each image runs once."""
+    encoder = create_encoder(model, weights=weights)
+    backbone = encoder.backbone.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, table.num_rows, batch_size):
+            batch = _decode_batch(table.slice(start, batch_size), prep, confounder, seed)
+            out.append(backbone(torch.from_numpy(batch["image"])).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
+
+
+def fit_head(features: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int,
+             training: TrainingConfig, seed: int, tests: dict[str, np.ndarray]) -> FitResult:
+    """A linear probe on fixed features, as the Ray Train loop trains one (same head, same
+    seeding, same early stopping): ``features`` holds (x, y) of 'train' and 'val'."""
+    torch.manual_seed(seed)
+    x, y = features["train"]
+    head = make_head(x.shape[1], n_classes)
+    settings = {**training.model_dump(include={"epochs", "patience", "batch_size", "lr",
+                                               "weight_decay"}), "seed": seed}
+    as_tensors = {k: (torch.from_numpy(np.ascontiguousarray(a, np.float32)),
+                      torch.from_numpy(np.array(b, np.int64))) for k, (a, b) in features.items()}
+    state, history = train_head(head, as_tensors["train"], as_tensors["val"], settings)
+    head.load_state_dict(state)
+    head.eval()
+    with torch.no_grad():
+        predictions = {k: torch.softmax(head(torch.from_numpy(np.ascontiguousarray(
+            v, np.float32))), dim=1).numpy() for k, v in tests.items()}
+    return FitResult(state=state, history=history, predictions=predictions)
+
+
 # -- the training loop (runs in each Ray Train worker) -------------------------------------------
 def _batches(dataset, batch_size: int, device, shuffle_seed: int | None = None):
     kwargs = {}

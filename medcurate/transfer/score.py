@@ -141,22 +141,29 @@ def ensure_probe(workspace: Workspace, target: str, manifest: pa.Table, manifest
                  indices: np.ndarray, per_class: int, seed: int) -> str:
     """Publish the probe as collection ``<target>--probe<k>-s<seed>-<hash>`` (reused if there)."""
     name = validate_key(f"{target}--probe{per_class}-s{seed}-{manifest_sha[:8]}")
+    return ensure_subset(workspace, target, manifest, manifest_sha, indices, name,
+                         {"probe_of": target, "per_class": per_class, "seed": seed}, seed)
+
+
+def ensure_subset(workspace: Workspace, source: str, manifest: pa.Table, manifest_sha: str,
+                  indices: np.ndarray, name: str, config: dict, seed: int | None = None) -> str:
+    """Publish rows ``indices`` of a collection's manifest as collection ``name`` (reused if
+    there), so they embed and cache like any collection; ``config`` says how they were drawn."""
     if workspace.exists("collections", name):
         return name
-    probe = manifest.take(pa.array(indices))
+    subset = manifest.take(pa.array(indices))
     sink = pa.BufferOutputStream()
-    pq.write_table(probe, sink)
+    pq.write_table(subset, sink)
     data = sink.getvalue().to_pybytes()
-    classes = Counter(probe.column("label").to_pylist())
+    classes = Counter(subset.column("label").to_pylist())
     with workspace.stage("collections", name) as staging:
         workspace.write_bytes(f"{staging}/{MANIFEST_FILE}", data)
         record = Provenance(
-            kind="collection", key=name, started_at=utc_now(), seed=seed,
-            config={"probe_of": target, "per_class": per_class, "seed": seed},
-            inputs=[InputRef(role="collection", uri=target, sha256=manifest_sha)],
-            outputs={MANIFEST_FILE: _output_ref(data, probe.num_rows)},
-            summary={"collection": name, "format": "probe", "probe_of": target,
-                     "ingested": probe.num_rows,
+            kind="collection", key=name, started_at=utc_now(), seed=seed, config=config,
+            inputs=[InputRef(role="collection", uri=source, sha256=manifest_sha)],
+            outputs={MANIFEST_FILE: _output_ref(data, subset.num_rows)},
+            summary={"collection": name, "format": "subset", **config,
+                     "ingested": subset.num_rows,
                      "classes": {str(k): v for k, v in sorted(classes.items(), key=str)}})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return name
