@@ -54,7 +54,8 @@ class _Design:
 
     def __init__(self, config: AuditConfig, targets: dict[str, np.ndarray], positive: int,
                  carriers: dict[str, np.ndarray] | None):
-        self.config, self.targets, self.positive, self.carriers = config, targets, positive, carriers
+        self.config, self.targets = config, targets
+        self.positive, self.carriers = positive, carriers
 
     def part(self, name: str, index: np.ndarray, level: float, seed: int,
              role: str) -> tuple[np.ndarray, np.ndarray | None]:
