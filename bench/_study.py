@@ -10,6 +10,7 @@ to one thread (see ``single_threaded_numerics``).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -290,3 +291,35 @@ def check_data(names: list[str], data: Path) -> None:
     absent = [str(p) for d in names for p in required_paths(d, data) if not p.exists()]
     if absent:
         sys.exit(f"error: missing data under {data}: {', '.join(absent)}")
+
+
+def study_inputs(root: Path) -> Path:
+    """The study's own files (manifests, zoo YAML, timings) beside the workspace's artefacts."""
+    folder = Path(root) / "study-inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_study(root: Path):
+    """(workspace, inputs folder, timings) of a study's workspace, with Ray started."""
+    from medcurate.runtime import ensure_ray
+    from medcurate.workspace import Workspace
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    inputs = study_inputs(root)
+    ensure_ray()
+    return Workspace(str(root)), inputs, Timings(inputs / "timings.json")
+
+
+def write_results(prefix: Path, report: dict, rows: list[dict], columns: list[str],
+                  write_markdown, write_plot) -> None:
+    """``<prefix>.{json,csv,md,png}``: the report, one CSV row per value, its text and plot."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    prefix.with_suffix(".csv").write_text(buffer.getvalue())
+    write_markdown(report, prefix.with_suffix(".md"))
+    write_plot(report, prefix.with_suffix(".png"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _study import Timings, ensure_collection, ingest_config, log
+from _study import Timings, ensure_collection, ingest_config, log, study_inputs
 
 # The MAEs: one on chest X-rays, one on brain MRI, both ViT-tiny (depth 4) at 64 px with 8-px
 # patches on a seeded 3,000-image subset of the train split, 10 epochs: the README's tested
@@ -45,7 +45,7 @@ def ensure_mae(name: str, workspace, data: Path, timings: Timings, quick: bool) 
     from medcurate.train.pretrain import pretrain
 
     config = pretrain_config(name, quick)
-    ensure_collection(ingest_config(config.collection, data, _inputs(workspace)), workspace,
+    ensure_collection(ingest_config(config.collection, data, study_inputs(workspace.root)), workspace,
                       timings)
     key = f"pretrain/{config.name}"
     if workspace.exists("models", config.name):
@@ -74,16 +74,9 @@ def ensure_zoo(workspace, data: Path, timings: Timings,
             "pretraining": config.model_dump(include={"collection", "img_size", "patch_size",
                                                       "depth", "epochs", "max_images"}),
             "pretrain_s": timings.get(f"pretrain/{config.name}")})
-    path = _inputs(workspace) / ("zoo-quick.yaml" if quick else "zoo.yaml")
+    path = study_inputs(workspace.root) / ("zoo-quick.yaml" if quick else "zoo.yaml")
     text = yaml.safe_dump({"models": [{"name": e["name"], "model": e["model"]}
                                       for e in entries]}, sort_keys=False)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path, entries
-
-
-def _inputs(workspace) -> Path:
-    """The study's own files (manifests, zoo YAML, timings) beside the workspace's artefacts."""
-    folder = Path(workspace.root) / "study-inputs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import sys
 import tempfile
@@ -34,7 +33,8 @@ from pathlib import Path
 
 from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
     DEFAULT_DATA, RESULTS, Timings, check_against, check_data, comma, ensure_collection,
-    ingest_config, log, machine, single_threaded_numerics)
+    ingest_config, log, machine, open_study, single_threaded_numerics,
+    write_results)
 from _zoo import ensure_zoo
 
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-evidence"
@@ -213,19 +213,6 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, rows: list[dict], prefix: Path) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["audit", "model", "level", "fold", "test_set", "metric",
-                                     "value", "epochs"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    prefix.with_suffix(".csv").write_text(buffer.getvalue())
-    write_markdown(report, prefix.with_suffix(".md"))
-    write_plot(report, prefix.with_suffix(".png"))
-
-
 # -- main ---------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -268,15 +255,7 @@ def main() -> None:
 
     started = time.perf_counter()
     single_threaded_numerics()
-    from medcurate.runtime import ensure_ray
-    from medcurate.workspace import Workspace
-
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    workspace = Workspace(str(args.workspace))
-    inputs = args.workspace / "study-inputs"
-    inputs.mkdir(exist_ok=True)
-    timings = Timings(inputs / "timings.json")
-    ensure_ray()
+    workspace, inputs, timings = open_study(args.workspace)
     zoo_path, zoo = ensure_zoo(workspace, args.data, timings, quick=args.quick)
     zoo_path = zoo_subset(zoo_path, args.models, inputs)
     models = args.models or [e["name"] for e in zoo]
@@ -319,7 +298,9 @@ def main() -> None:
             report["reproducibility"] = check
             log(f"reproducibility against {check['against']}: {check['identical']} of "
                 f"{check['cells']} values identical, max |diff| {check['max_abs_diff']:.3g}")
-    write_outputs(report, rows, prefix)
+    write_results(prefix, report, rows, ["audit", "model", "level", "fold", "test_set",
+                                         "metric", "value", "epochs"], write_markdown,
+                  write_plot)
     log(f"wrote {prefix}.{{json,csv,md,png}}; compute {compute / 60:.1f} min")
 
 

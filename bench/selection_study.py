@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
     HAM_SPLIT_SEED, HAM_TEST_SHARE, HELD_OUT_SITE, RESULTS, SOURCES, Timings, check_against,
     DEFAULT_DATA, check_data, comma, ensure_collection, ensure_embedding, fmt, ingest_config, log,
-    machine, single_threaded_numerics, split_counts, welch)
+    machine, open_study, single_threaded_numerics, split_counts, welch, write_results)
 
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-selection-study"
 DEFAULT_OUT = RESULTS / "selection_study"
@@ -299,19 +298,6 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, rows: list[dict], prefix: Path) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["dataset", "strategy", "budget", "seed", "metric", "value",
-                                     "selection"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    prefix.with_suffix(".csv").write_text(buffer.getvalue())
-    write_markdown(report, prefix.with_suffix(".md"))
-    write_plot(report, prefix.with_suffix(".png"))
-
-
 # -- main ---------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -358,17 +344,9 @@ def main() -> None:
     single_threaded_numerics()
     if not args.no_cache:
         cache_pure_steps()
-    from medcurate.runtime import ensure_ray
-    from medcurate.workspace import Workspace
-
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    workspace = Workspace(str(args.workspace))
-    inputs = args.workspace / "study-inputs"
-    inputs.mkdir(exist_ok=True)
-    timings = Timings(inputs / "timings.json")
+    workspace, inputs, timings = open_study(args.workspace)
     log(f"workspace {args.workspace}; data {args.data}; data sets {args.datasets}; "
         f"budgets {args.budgets}; seeds {args.seeds}; strategies {args.strategies}")
-    ensure_ray()
 
     command = "python bench/selection_study.py" + ("" if len(sys.argv) < 2 else " " + " ".join(
         a for a in sys.argv[1:]))
@@ -423,7 +401,8 @@ def main() -> None:
             log(f"reproducibility against {check['against']}: {check['identical']} of "
                 f"{check['cells']} shared per-seed values identical, max |diff| "
                 f"{check['max_abs_diff']:.3g}")
-    write_outputs(report, rows, prefix)
+    write_results(prefix, report, rows, ["dataset", "strategy", "budget", "seed", "metric",
+                                         "value", "selection"], write_markdown, write_plot)
     log(f"wrote {prefix}.{{json,csv,md,png}}; compute {compute / 60:.1f} min, this run "
         f"{wall / 60:.1f} min")
 

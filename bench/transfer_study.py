@@ -23,8 +23,6 @@ One command regenerates ``docs/results/transfer_study.{json,csv,md,png}``:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import tempfile
@@ -33,7 +31,8 @@ from pathlib import Path
 
 from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
     DEFAULT_DATA, RESULTS, Timings, check_against, check_data, comma, ensure_collection,
-    ensure_embedding, ingest_config, log, machine, single_threaded_numerics)
+    ensure_embedding, ingest_config, log, machine, open_study, single_threaded_numerics,
+    write_results)
 from _zoo import ensure_zoo
 
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-evidence"
@@ -295,19 +294,6 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, rows: list[dict], prefix: Path) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["target", "model", "kind", "metric", "seed", "value"],
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    prefix.with_suffix(".csv").write_text(buffer.getvalue())
-    write_markdown(report, prefix.with_suffix(".md"))
-    write_plot(report, prefix.with_suffix(".png"))
-
-
 def write_finetune(report: dict, finetuned: dict, rows: list[dict], prefix: Path) -> None:
     """The fine-tuning check: per target, fine-tuned AUC per model, how its ranking agrees with
     the linear-probe ground truth, and each metric's weighted tau against it."""
@@ -389,17 +375,10 @@ def main() -> None:
     started = time.perf_counter()
     single_threaded_numerics()
     from medcurate.config import ScoreConfig
-    from medcurate.runtime import ensure_ray
     from medcurate.train.evaluation import mean_interval
     from medcurate.transfer.score import score
-    from medcurate.workspace import Workspace
 
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    workspace = Workspace(str(args.workspace))
-    inputs = args.workspace / "study-inputs"
-    inputs.mkdir(exist_ok=True)
-    timings = Timings(inputs / "timings.json")
-    ensure_ray()
+    workspace, inputs, timings = open_study(args.workspace)
     zoo_path, zoo = ensure_zoo(workspace, args.data, timings, quick=args.quick)
     models = [e["name"] for e in zoo]
     compute = sum(e.get("pretrain_s") or 0.0 for e in zoo)
@@ -469,7 +448,8 @@ def main() -> None:
             log(f"reproducibility against {check['against']}: {check['identical']} of "
                 f"{check['cells']} values identical, max |diff| {check['max_abs_diff']:.3g}")
     main_rows = [r for r in rows if r["kind"] != "fine-tuned"]
-    write_outputs(report, main_rows, prefix)
+    write_results(prefix, report, main_rows, ["target", "model", "kind", "metric", "seed",
+                                              "value"], write_markdown, write_plot)
     if finetuned:
         write_finetune(report, finetuned, rows, Path(f"{prefix}_finetune"))
     best = sorted(report["evaluation"]["mean_rank"], key=report["evaluation"]["mean_rank"].get)
