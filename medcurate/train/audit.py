@@ -164,8 +164,9 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
                      **{t: design.part("test", np.arange(tables["test"].num_rows), level, seed, t)
                         for t in TEST_SETS}}
             sources = {"train": "train", "val": val_name, "iid": "test", "ood": "test"}
-            built = {p: image_table(tables[sources[p]].take(index), targets[sources[p]][index],
-                                    flags) for p, (index, flags) in parts.items()}
+            built = None if cache else {
+                p: image_table(tables[sources[p]].take(index), targets[sources[p]][index], flags)
+                for p, (index, flags) in parts.items()}
             for entry in zoo:
                 if cache is not None:
                     result = cache.fit(entry, parts, sources, targets, seed, len(classes))

@@ -142,11 +142,13 @@ def ensure_probe(workspace: Workspace, target: str, manifest: pa.Table, manifest
     """Publish the probe as collection ``<target>--probe<k>-s<seed>-<hash>`` (reused if there)."""
     name = validate_key(f"{target}--probe{per_class}-s{seed}-{manifest_sha[:8]}")
     return ensure_subset(workspace, target, manifest, manifest_sha, indices, name,
-                         {"probe_of": target, "per_class": per_class, "seed": seed}, seed)
+                         {"probe_of": target, "per_class": per_class, "seed": seed}, seed,
+                         kind="probe")
 
 
 def ensure_subset(workspace: Workspace, source: str, manifest: pa.Table, manifest_sha: str,
-                  indices: np.ndarray, name: str, config: dict, seed: int | None = None) -> str:
+                  indices: np.ndarray, name: str, config: dict, seed: int | None = None,
+                  kind: str = "subset") -> str:
     """Publish rows ``indices`` of a collection's manifest as collection ``name`` (reused if
     there), so they embed and cache like any collection; ``config`` says how they were drawn."""
     if workspace.exists("collections", name):
@@ -162,7 +164,7 @@ def ensure_subset(workspace: Workspace, source: str, manifest: pa.Table, manifes
             kind="collection", key=name, started_at=utc_now(), seed=seed, config=config,
             inputs=[InputRef(role="collection", uri=source, sha256=manifest_sha)],
             outputs={MANIFEST_FILE: _output_ref(data, subset.num_rows)},
-            summary={"collection": name, "format": "subset", **config,
+            summary={"collection": name, "format": kind, **config,
                      "ingested": subset.num_rows,
                      "classes": {str(k): v for k, v in sorted(classes.items(), key=str)}})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
