@@ -56,7 +56,7 @@ def ensure_mae(name: str, workspace, data: Path, timings: Timings, quick: bool) 
             summary = pretrain(config, workspace)
         log(f"pretrain {config.name}: final loss {summary['final_loss']:.4f}, "
             f"{timings.get(key):.0f} s")
-    return workspace.local_path("models", config.name) / "model.pt"
+    return Path(workspace.require("models", config.name)) / "model.pt"
 
 
 def ensure_zoo(workspace, data: Path, timings: Timings,

@@ -113,7 +113,7 @@ def ensure_audit(config, workspace, timings: Timings, recompute: bool) -> tuple[
         with timings.measure(key):
             audit(config.model_copy(update={"overwrite": recompute}), workspace)
         log(f"audit {config.audit_id}: {timings.get(key):.0f} s")
-    folder = workspace.local_path("audits", config.audit_id)
+    folder = Path(workspace.require("audits", config.audit_id))
     with open(folder / "results.csv", newline="") as handle:
         records = list(csv.DictReader(handle))
     return json.loads((folder / "summary.json").read_text()), records

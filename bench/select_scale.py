@@ -26,7 +26,7 @@ import psutil
 from medcurate.reduce import reduce_to_2d
 from medcurate.runtime import ensure_ray
 from medcurate.select import select
-from medcurate.select.run import ray_transform_map
+from medcurate.select.run import RayTransformMap
 
 from _memory import PeakMemory  # bench/ sibling module
 
@@ -92,7 +92,7 @@ def run_size(n: int, args) -> dict:
     results["matrix_gib"] = round(matrix_gib, 2)
     result = timed("confounder-aware (sampled UMAP + Ray)", lambda: select(
         "confounder-aware", X, labels, args.budget, seed=args.seed, fit_sample=args.fit_sample,
-        transform_map=ray_transform_map), results)
+        transform_map=RayTransformMap()), results)
     stages = result.info["classes"]
     results["confounder_stages_s"] = {
         stage: round(sum(c.get("seconds", {}).get(stage, 0.0) for c in stages.values()), 1)

@@ -131,7 +131,7 @@ def ensure_comparison(config, workspace, timings: Timings, recompute: bool) -> d
         seconds, reused = time.perf_counter() - start, False
         timings.record(key, seconds)
         log(f"compare {config.comparison_id}: {seconds:.0f} s")
-    folder = workspace.local_path("comparisons", config.comparison_id)
+    folder = Path(workspace.require("comparisons", config.comparison_id))
     summary = json.loads((folder / "summary.json").read_text())
     with open(folder / "results.csv", newline="") as handle:
         records = list(csv.DictReader(handle))

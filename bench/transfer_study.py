@@ -123,7 +123,7 @@ def finetune_truth(entry: dict, sets: dict[str, str], workspace, timings: Timing
                                 seed=seed, **settings)
         run_id = f"study-ft-{sets['train'][:60]}-{entry['name']}-s{seed}-{config.digest()}"
         if workspace.exists("models", run_id):
-            document = json.loads((workspace.local_path("models", run_id)
+            document = json.loads((Path(workspace.require("models", run_id))
                                    / "metrics.json").read_text())
         else:
             log(f"fine-tune {entry['name']} on {sets['train']}, seed {seed}")

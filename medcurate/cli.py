@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from medcurate.commands import COMMANDS
 from medcurate.config import IngestConfig, ScoreConfig, SelectConfig
 from medcurate.errors import MedcurateError
-from medcurate.workspace import Workspace
+from medcurate.workspace import GRACE_SECONDS, Workspace, store_error_message
 
 app = typer.Typer(
     help="Curate medical image archives: ingest, embed, find confounders, select, score.",
@@ -38,6 +38,17 @@ WorkspaceOption = typing.Annotated[
 def fail(message: str, code: int = 2) -> typing.NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def open_workspace(uri: str | None) -> Workspace:
+    """The workspace, checked before any work: a store that cannot be read is one ``error:``
+    line naming the URI and the fix, exit 2."""
+    try:
+        workspace = Workspace(uri)
+        workspace.check()
+    except MedcurateError as exc:
+        fail(str(exc))
+    return workspace
 
 
 def validation_message(error: ValidationError) -> str:
@@ -88,12 +99,15 @@ def config_command(typer_app: typer.Typer, name: str, config_cls: type[BaseModel
 
     def decorator(run: Callable[[BaseModel, Workspace], dict]) -> Callable:
         def command(**kwargs):
-            workspace = Workspace(kwargs.pop("workspace"))
-            config = build_config(config_cls, kwargs)
+            config = build_config(config_cls, {k: v for k, v in kwargs.items()
+                                               if k != "workspace"})
+            workspace = open_workspace(kwargs["workspace"])
             try:
                 result = run(config, workspace)
             except MedcurateError as exc:
                 fail(str(exc))
+            except OSError as exc:  # the store failed mid-command; drafts were cleaned up
+                fail(store_error_message(workspace.uri, exc))
             typer.echo(json.dumps(result, indent=2, default=str))
 
         params = [inspect.Parameter("workspace", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -128,7 +142,8 @@ def select_command(config: SelectConfig, workspace: Workspace) -> dict:
     from medcurate.select.run import run_selection
 
     summary = run_selection(config, workspace)
-    report = workspace.path("selections", summary["selection_id"], "report.html")
+    report = workspace.location(workspace.path("selections", summary["selection_id"],
+                                                "report.html"))
     typer.echo(f"selected {summary['selected']} of {summary['images']} images; report: {report}",
                err=True)
     return {k: v for k, v in summary.items() if k != "metadata"}
@@ -178,7 +193,7 @@ __import__("medcurate.remote", fromlist=["register"]).register(app)  # serve, su
 @collections_app.command("list")
 def collections_list(workspace: WorkspaceOption = None) -> None:
     """List the complete collections with their image counts."""
-    ws = Workspace(workspace)
+    ws = open_workspace(workspace)
     for name in ws.list("collections"):
         summary = ws.provenance("collections", name).get("summary", {})
         typer.echo(f"{name}\t{summary.get('ingested', '?')} images\t{summary.get('format', '')}")
@@ -187,12 +202,30 @@ def collections_list(workspace: WorkspaceOption = None) -> None:
 @collections_app.command("show")
 def collections_show(name: str, workspace: WorkspaceOption = None) -> None:
     """Print a collection's provenance: source, parameters, counts, output hashes."""
-    ws = Workspace(workspace)
+    ws = open_workspace(workspace)
     try:
         ws.require("collections", name)
     except MedcurateError as exc:
         fail(str(exc))
     typer.echo(json.dumps(ws.provenance("collections", name), indent=2))
+
+
+@app.command("gc")
+def gc_command(workspace: WorkspaceOption = None,
+               grace_hours: float = typer.Option(
+                   GRACE_SECONDS / 3600, min=0,
+                   help="Keep versions younger than this: a writer may still be filling one, "
+                        "a reader may still be reading the one an overwrite replaced.")) -> None:
+    """Delete what no reader can reach: versions left by crashed or killed writers and versions
+    replaced by an overwrite, once older than the grace period. Live artefacts are never touched."""
+    ws = open_workspace(workspace)
+    try:
+        removed = ws.gc(grace_seconds=grace_hours * 3600)
+    except OSError as exc:
+        fail(store_error_message(ws.uri, exc))
+    for path in removed:
+        typer.echo(f"removed {path}")
+    typer.echo(f"{len(removed)} unreachable version(s) removed from {ws.uri}", err=True)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ can be re-run after a crash or with a new budget without redoing the expensive p
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from medcurate.config import (DEFAULT_ENCODER, CurateConfig, EmbedConfig, IngestConfig,
@@ -42,16 +43,31 @@ def _collection(config: CurateConfig, workspace: Workspace) -> tuple[str, dict]:
     return name, ingest(ingest_config, workspace)
 
 
+def _demo_archive(workspace: Workspace, seed: int) -> str:
+    """The demo archive's location inside the workspace: on an object store it is written
+    there too, since the nodes that decode its images share no disk with this one."""
+    folder = f"{workspace.root}/demo-archive"
+    if workspace.is_local:
+        if not (Path(folder) / "metadata.csv").exists():
+            make_demo_archive(Path(folder), seed=seed)
+        return folder
+    complete = f"{folder}/.uploaded"  # written after every file: a cut upload is redone
+    if not workspace.is_file(complete):
+        with tempfile.TemporaryDirectory() as scratch:
+            make_demo_archive(Path(scratch), seed=seed)
+            workspace.upload_folder(scratch, folder)
+        workspace.write_bytes(complete, b"")
+    return workspace.location(folder)
+
+
 def curate(config: CurateConfig, workspace: Workspace | None = None) -> dict:
     workspace = workspace or Workspace()
     updates: dict = {}
     demo = config.source is None
     if demo:
         _say(DEMO_NOTICE)
-        archive = Path(workspace.root) / "demo-archive"  # the demo is local by nature
-        if not (archive / "metadata.csv").exists():
-            make_demo_archive(archive, seed=config.seed)
-        updates = {"source": str(archive), "metadata": str(archive / "metadata.csv"),
+        archive = _demo_archive(workspace, config.seed)
+        updates = {"source": archive, "metadata": f"{archive}/metadata.csv",
                    "id_column": "file", "name": config.name or "demo",
                    "model": config.model or DEMO_MODEL}
     else:
@@ -68,7 +84,8 @@ def curate(config: CurateConfig, workspace: Workspace | None = None) -> dict:
                                     budget_per_class=config.budget_per_class, seed=config.seed,
                                     overwrite=True)
     selected = run_selection(selection_config, workspace)
-    report = workspace.path("selections", selected["selection_id"], "report.html")
+    report = workspace.location(workspace.path("selections", selected["selection_id"],
+                                                "report.html"))
     result = {"demo": demo, "collection": name, "ingest": ingested, "embedding": embedded,
               "selection": {k: v for k, v in selected.items() if k != "metadata"},
               "report": report}

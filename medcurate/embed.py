@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 from tqdm import tqdm
 
@@ -27,8 +26,8 @@ from medcurate.config import EmbedConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import load_image
-from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
-from medcurate.runtime import ensure_ray, stage_resources
+from medcurate.provenance import InputRef, Provenance, utc_now
+from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 RUN_FILE = "run.json"
@@ -64,7 +63,8 @@ class _DecodeBatch:
                        batch.column("window_width")[index].as_py()) if has_window else (None, None))
             images.append(load_image(uri, member, *window))
         return {"row": batch.column("row").to_numpy(),
-                "pixels": preprocess_batch(images, self.preprocessing)}
+                "pixels": preprocess_batch(images, self.preprocessing),
+                "decode_node": np.full(batch.num_rows, this_node())}
 
 
 class _EmbedActor:
@@ -95,6 +95,7 @@ class _EmbedActor:
             else:
                 features = self.encoder(pixels)
         batch["embedding"] = features.float().cpu().numpy()
+        batch["embed_node"] = np.full(len(batch["row"]), this_node())
         return batch
 
 
@@ -109,24 +110,22 @@ def _shard_table(manifest: pa.Table, parts: list[dict[str, np.ndarray]], dim: in
 
 
 class EmbeddingRun:
-    """One run's folder: its plan, which shards are committed, and how to read them back."""
+    """One version folder of a run: its plan, which shards are committed, where they are."""
 
-    def __init__(self, workspace: Workspace, run_id: str):
-        self.workspace, self.run_id = workspace, run_id
-        self.root = workspace.path("embeddings", run_id)
+    def __init__(self, workspace: Workspace, run_id: str, folder: str):
+        self.workspace, self.run_id, self.root = workspace, run_id, folder
+
+    @classmethod
+    def live(cls, workspace: Workspace, run_id: str) -> EmbeddingRun:
+        """The published run (NotFound where there is none)."""
+        return cls(workspace, run_id, workspace.require("embeddings", run_id))
 
     def plan(self) -> dict | None:
         path = f"{self.root}/{RUN_FILE}"
-        if self.workspace.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        return self.workspace.read_json(path)
+        return self.workspace.read_json(path) if self.workspace.is_file(path) else None
 
     def committed(self) -> set[int]:
-        directory = f"{self.root}/{SHARD_DIR}"
-        if self.workspace.fs.get_file_info(directory).type != pafs.FileType.Directory:
-            return set()
-        names = (info.base_name for info in
-                 self.workspace.fs.get_file_info(pafs.FileSelector(directory)))
+        names = (info.base_name for info in self.workspace.listing(f"{self.root}/{SHARD_DIR}"))
         return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".parquet")}
 
     def shard_path(self, index: int) -> str:
@@ -134,14 +133,47 @@ class EmbeddingRun:
 
 
 def load_embeddings(workspace: Workspace, run_id: str) -> tuple[pa.Table, np.ndarray]:
-    """A finished run's rows (id, label, split, row) in manifest order, and its [N, D] matrix."""
-    workspace.require("embeddings", run_id)
-    run = EmbeddingRun(workspace, run_id)
-    shards = [workspace.read_table(run.shard_path(i)) for i in sorted(run.committed())]
-    table = pa.concat_tables(shards)
-    column = table.column("embedding").combine_chunks()
-    matrix = column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
-    return table.drop_columns(["embedding"]), matrix
+    """A finished run's rows (id, label, split, row) in manifest order, and its [N, D] matrix.
+
+    The shards stream one at a time into one preallocated float32 matrix, so a million-row run
+    costs the matrix plus one shard, never a second full copy through ``concat_tables``."""
+    run = EmbeddingRun.live(workspace, run_id)
+    summary = workspace.read_json(f"{run.root}/{PROVENANCE_FILE}")["summary"]
+    matrix = np.empty((summary["rows"], summary["dim"]), dtype=np.float32)
+    tables, offset = [], 0
+    for index in sorted(run.committed()):
+        shard = workspace.read_table(run.shard_path(index))
+        for chunk in shard.column("embedding").chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            matrix[offset:offset + len(chunk)] = values.reshape(len(chunk), summary["dim"])
+            offset += len(chunk)
+        tables.append(shard.drop_columns(["embedding"]))
+    if offset != summary["rows"]:
+        raise MedcurateError(f"embedding run {run_id!r} holds {offset} rows, its provenance "
+                             f"says {summary['rows']}: the run is damaged; embed it again "
+                             "with --overwrite")
+    return pa.concat_tables(tables), matrix
+
+
+def _open_run(workspace: Workspace, run_id: str, plan: dict, overwrite: bool) -> EmbeddingRun:
+    """The unfinished version of this run to resume, or a new one with the plan written first.
+    An unfinished version of another plan is refused unless ``overwrite`` starts afresh."""
+    if not overwrite:
+        for version in reversed(workspace.drafts("embeddings", run_id)):
+            run = EmbeddingRun(workspace, run_id,
+                               workspace.version_folder("embeddings", run_id, version))
+            previous = run.plan()
+            if previous is None:
+                continue  # killed before its plan was written: nothing to resume
+            if {k: previous.get(k) for k in plan} != plan:
+                raise MedcurateError(
+                    f"embedding run {run_id!r} has an unfinished version with another plan "
+                    "(different config, encoder or collection); pass --overwrite or another "
+                    "--run-id")
+            return run
+    run = EmbeddingRun(workspace, run_id, workspace.new_draft("embeddings", run_id))
+    workspace.write_json(f"{run.root}/{RUN_FILE}", {**plan, "started_at": utc_now()})
+    return run
 
 
 def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
@@ -149,13 +181,9 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
     from medcurate.models import create_encoder
 
     workspace = workspace or Workspace()
-    started = utc_now()
     run_id = config.run_id or default_run_id(config)
-    run = EmbeddingRun(workspace, run_id)
     if workspace.exists("embeddings", run_id) and not config.overwrite:
         return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True}
-    if config.overwrite:
-        workspace.fs.delete_dir_contents(run.root, missing_dir_ok=True)
     manifest = read_manifest(workspace, config.collection)
     encoder = create_encoder(config.model, weights=config.weights)  # fails early on bad specs
     description = encoder.describe()
@@ -165,12 +193,7 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
             "shards": -(-manifest.num_rows // config.shard_size),
             "collection_manifest_sha256":
                 collection_record["outputs"][MANIFEST_FILE]["sha256"]}
-    previous = run.plan()
-    if previous is None:
-        workspace.write_json(f"{run.root}/{RUN_FILE}", {**plan, "started_at": started})
-    elif {k: previous.get(k) for k in plan} != plan:
-        raise MedcurateError(f"embedding run {run_id!r} exists with another plan (different "
-                             "config, encoder or collection); pass --overwrite or another --run-id")
+    run = _open_run(workspace, run_id, plan, config.overwrite)
     done = run.committed()
     pending = [i for i in range(plan["shards"]) if i not in done]
     if done:
@@ -183,26 +206,14 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
     summary = {"run_id": run_id, "collection": config.collection, "model": config.model,
                "rows": manifest.num_rows, "dim": description["embed_dim"],
                "shards": plan["shards"], "resumed_shards": len(done), "timing": timing}
-    outputs = {}
-    for index in range(plan["shards"]):
-        info = workspace.fs.get_file_info(run.shard_path(index))
-        outputs[f"{SHARD_DIR}/{shard_name(index)}"] = OutputRef(
-            sha256=_file_sha256(workspace, run.shard_path(index)), bytes=info.size)
-    record = Provenance(kind="embedding", key=run_id, started_at=previous.get("started_at", started)
-                        if previous else started, config=config.model_dump(),
+    record = Provenance(kind="embedding", key=run_id, started_at=run.plan()["started_at"],
+                        config=config.model_dump(),
                         inputs=[InputRef(role="collection", uri=config.collection,
                                          sha256=plan["collection_manifest_sha256"])],
-                        outputs=outputs, model=description, summary=summary)
+                        model=description, summary=summary)
     workspace.write_json(f"{run.root}/{PROVENANCE_FILE}", record.model_dump())
+    workspace.publish("embeddings", run_id, run.root, overwrite=config.overwrite)
     return summary
-
-
-def _file_sha256(workspace: Workspace, path: str) -> str:
-    digest = hashlib.sha256()
-    with workspace.fs.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
@@ -242,8 +253,10 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     total = sum(expected.values())
     progress = tqdm(total=total, desc=f"embed {run.run_id}", unit="img", file=sys.stderr,
                     disable=None)
-    embedded, first = 0, None
+    embedded, first, nodes = 0, None, NodesSeen()
     for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        nodes.take("decode", batch["decode_node"])
+        nodes.take("embed", batch["embed_node"])
         if first is None:  # Ray, actors and the model are up: steady state starts here
             first, first_rows = time.monotonic(), len(batch["row"])
         shards = batch["row"] // size
@@ -267,7 +280,8 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     end = time.monotonic()
     steady = (total - first_rows) / max(end - first, 1e-9) if total > first_rows else None
     timing = {"total_s": round(end - start, 3), "startup_s": round(first - start, 3),
-              "steady_images_per_s": None if steady is None else round(steady, 2)}
+              "steady_images_per_s": None if steady is None else round(steady, 2),
+              "nodes": nodes.as_dict()}
     print(f"embedded {total} images in {timing['total_s']} s (start-up {timing['startup_s']} s, "
           f"then {timing['steady_images_per_s']} images/s)", file=sys.stderr)
     return timing

@@ -63,6 +63,25 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def this_node() -> str:
+    """The Ray node id of the calling task or actor: stages return it with their rows, so a
+    run's provenance shows which nodes did its work (``summary["nodes"]``)."""
+    return ray.get_runtime_context().get_node_id()
+
+
+class NodesSeen:
+    """Node ids per stage, collected from the ``<stage>_node`` columns that UDFs add."""
+
+    def __init__(self):
+        self.stages: dict[str, set[str]] = {}
+
+    def take(self, stage: str, values) -> None:
+        self.stages.setdefault(stage, set()).update(str(v) for v in set(values))
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {stage: sorted(nodes) for stage, nodes in sorted(self.stages.items())}
+
+
 def training_gpu(num_workers: int, use_gpu: bool | None) -> bool:
     """Whether Ray Train workers take GPUs (default: when Ray has one per worker), after
     checking the cluster can hold them: on CPU each worker takes one CPU and one more must stay

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medcurate.embed import SHARD_DIR, EmbeddingRun, _shard_table, shard_name
+from medcurate.embed import SHARD_DIR, _shard_table, shard_name
 from medcurate.ingest import MANIFEST_FILE
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.workspace import PROVENANCE_FILE, Workspace
@@ -61,27 +61,29 @@ def write_embedding_run(workspace: Workspace, name: str, X: np.ndarray, labels: 
                         metadata: dict[str, list] | None = None,
                         shard_size: int = 2048) -> str:
     """Collection ``name`` and its embedding run ``<name>--synthetic`` from the [N, D] matrix
-    ``X``; returns the run id. Provenance is written last, as the embedding pipeline does."""
+    ``X``; returns the run id. Shards are written one at a time and published as the embedding
+    pipeline publishes them, so a million-row run never needs a second copy of ``X``."""
     started = utc_now()
     manifest_sha = write_collection(workspace, name, labels, metadata)
-    manifest = workspace.read_table(workspace.path("collections", name, MANIFEST_FILE))
+    manifest = workspace.read_table(workspace.path("collections", name, MANIFEST_FILE),
+                                    columns=["id", "label", "split"])
     run_id = f"{name}--{SYNTHETIC_MODEL}"
-    run = EmbeddingRun(workspace, run_id)
     X = np.asarray(X, dtype=np.float32)
-    outputs = {}
-    for index, start in enumerate(range(0, len(X), shard_size)):
-        rows = np.arange(start, min(start + shard_size, len(X)))
-        data = _parquet_bytes(_shard_table(manifest, [{"row": rows, "embedding": X[rows]}],
-                                           X.shape[1]))
-        workspace.write_bytes(run.shard_path(index), data)
-        outputs[f"{SHARD_DIR}/{shard_name(index)}"] = _output(data)
-    summary = {"run_id": run_id, "collection": name, "model": SYNTHETIC_MODEL, "rows": len(X),
-               "dim": int(X.shape[1]), "shards": len(outputs), "resumed_shards": 0}
-    record = Provenance(kind="embedding", key=run_id, started_at=started,
-                        config={"collection": name, "model": SYNTHETIC_MODEL},
-                        inputs=[InputRef(role="collection", uri=name, sha256=manifest_sha)],
-                        outputs=outputs, summary=summary,
-                        model={"spec": SYNTHETIC_MODEL, "embed_dim": int(X.shape[1])})
-    workspace.write_json(workspace.path("embeddings", run_id, PROVENANCE_FILE),
-                         record.model_dump())
+    with workspace.stage("embeddings", run_id, overwrite=True) as staging:
+        shards = 0
+        for index, start in enumerate(range(0, len(X), shard_size)):
+            rows = np.arange(start, min(start + shard_size, len(X)))
+            workspace.write_table(f"{staging}/{SHARD_DIR}/{shard_name(index)}",
+                                  _shard_table(manifest, [{"row": rows, "embedding": X[rows]}],
+                                               X.shape[1]))
+            shards += 1
+        summary = {"run_id": run_id, "collection": name, "model": SYNTHETIC_MODEL,
+                   "rows": len(X), "dim": int(X.shape[1]), "shards": shards,
+                   "resumed_shards": 0}
+        record = Provenance(kind="embedding", key=run_id, started_at=started,
+                            config={"collection": name, "model": SYNTHETIC_MODEL},
+                            inputs=[InputRef(role="collection", uri=name, sha256=manifest_sha)],
+                            summary=summary,
+                            model={"spec": SYNTHETIC_MODEL, "embed_dim": int(X.shape[1])})
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return run_id

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medcurate.workspace import Workspace
+from s3_servers import moto_s3, s3_bucket, s3_server, seaweed_s3  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

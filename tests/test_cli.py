@@ -87,7 +87,7 @@ def test_same_name_twice_without_overwrite_keeps_first(tmp_path, ray_session):
     workspace = Workspace(str(tmp_path / "ws"))
     first = _image_folder(tmp_path / "first", count=2)
     ingest(IngestConfig(source=str(first), name="col"), workspace)
-    folder = workspace.local_path("collections", "col")
+    folder = Path(workspace.require("collections", "col"))
     before = {name: (folder / name).read_bytes() for name in (MANIFEST_FILE, PROVENANCE_FILE)}
 
     second = _image_folder(tmp_path / "second", count=3)
@@ -104,7 +104,7 @@ def test_failed_overwrite_keeps_earlier_collection(tmp_path, ray_session):
 
     workspace = Workspace(str(tmp_path / "ws"))
     ingest(IngestConfig(source=str(_image_folder(tmp_path / "good")), name="col"), workspace)
-    folder = workspace.local_path("collections", "col")
+    folder = Path(workspace.require("collections", "col"))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     broken = tmp_path / "broken" / "cls"
     broken.mkdir(parents=True)

@@ -94,37 +94,69 @@ def _cli(*args: str, workspace) -> list[str]:
     return [sys.executable, "-m", "medcurate", *args, "--workspace", workspace.uri]
 
 
-def test_sigkill_then_rerun_finishes_without_recomputing(brain_collection):
-    """Kill the embedding job mid-run; the same command finishes it, and the result equals an
-    uninterrupted run."""
+def _draft(workspace, run_id: str) -> EmbeddingRun | None:
+    """The run's unfinished version, where the killed process left one."""
+    drafts = workspace.drafts("embeddings", run_id)
+    return EmbeddingRun(workspace, run_id, workspace.version_folder(
+        "embeddings", run_id, drafts[-1])) if drafts else None
+
+
+def _kill_then_resume(workspace, env: dict) -> None:
+    """Kill the embedding job mid-run; the same command finishes it without recomputing the
+    committed shards, and the result equals an uninterrupted run."""
     run_id = "killed"
-    run = EmbeddingRun(brain_collection, run_id)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     command = _cli("embed", "brain", "--model", "mobilenetv2-imagenet", "--run-id", run_id,
-                   "--shard-size", "32", "--batch-size", "8", workspace=brain_collection)
+                   "--shard-size", "32", "--batch-size", "8", workspace=workspace)
     process = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while len(run.committed()) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while ((run := _draft(workspace, run_id)) is None or len(run.committed()) < 2) \
+            and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     process.wait()
     done = run.committed()
     assert 2 <= len(done) < 12, f"expected a partial run, found shards {sorted(done)}"
-    assert not brain_collection.exists("embeddings", run_id)
-    stamps = {i: os.stat(run.shard_path(i)).st_mtime_ns for i in done}
+    assert not workspace.exists("embeddings", run_id)
 
+    def stamps() -> dict:
+        return {i: workspace.fs.get_file_info(run.shard_path(i)).mtime for i in done}
+
+    before = stamps()
     resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(done)} of 12 shards already committed" in resumed.stderr
-    assert {i: os.stat(run.shard_path(i)).st_mtime_ns for i in done} == stamps
+    assert stamps() == before
+    assert workspace.require("embeddings", run_id) == run.root  # the resumed draft went live
 
     reference = embed(EmbedConfig(collection="brain", model="mobilenetv2-imagenet",
-                                  run_id="uninterrupted", shard_size=32), brain_collection)
-    rows, features = load_embeddings(brain_collection, run_id)
-    ref_rows, ref_features = load_embeddings(brain_collection, reference["run_id"])
+                                  run_id="uninterrupted", shard_size=32), workspace)
+    rows, features = load_embeddings(workspace, run_id)
+    ref_rows, ref_features = load_embeddings(workspace, reference["run_id"])
     ids = rows.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 360
     assert ids == ref_rows.column("id").to_pylist()
     np.testing.assert_allclose(features, ref_features, rtol=1e-4, atol=1e-4)
+    outputs = workspace.provenance("embeddings", run_id)["outputs"]
+    assert sorted(outputs) == ["run.json"] + [f"shards/shard-{i:05d}.parquet" for i in range(12)]
+
+
+def test_sigkill_then_rerun_finishes_without_recomputing(brain_collection):
+    _kill_then_resume(brain_collection, {})
+
+
+def test_sigkill_then_rerun_on_an_object_store(tmp_path, shared_data, ray_session, seaweed_s3,
+                                               monkeypatch):
+    """The same on a real S3-protocol server: shards are objects, the resumed draft is found
+    by listing, and the commit is a conditional PUT."""
+    from medcurate.workspace import Workspace
+
+    for name, value in seaweed_s3.env().items():
+        monkeypatch.setenv(name, value)
+    seaweed_s3.make_bucket("embed-resume")
+    workspace = Workspace("s3://embed-resume/ws")
+    table = _brain_subset(shared_data, tmp_path / "brain.csv", 60, 30)
+    ingest(IngestConfig(source=str(table), name="brain", split_column="split"), workspace)
+    _kill_then_resume(workspace, seaweed_s3.env())

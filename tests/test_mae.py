@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,7 +144,7 @@ def test_pretraining_beats_the_same_network_at_random_init(ray_session, shared_d
                             epochs=10, batch_size=64, seed=0)
     result = pretrain(config, workspace)
 
-    model_dir = tmp_path / "ws" / "models" / "pneumonia-mae-vit-tiny"
+    model_dir = Path(workspace.require("models", "pneumonia-mae-vit-tiny"))
     assert result["checkpoint"] == str(model_dir / "model.pt")
     assert result["images"] == 4682 and result["epochs"] == 10  # the train split only
     assert result["losses"][-1] < 0.6 * result["losses"][0]

@@ -197,7 +197,8 @@ def _read_back(live: Live, selection_id: str) -> dict:
     for page in range(1, -(-body["ids"]["total"] // 7) + 1):
         ids += live.call("GET", f"/v1/selections/{selection_id}?page={page}&page_size=7"
                          ).json()["ids"]["items"]
-    on_disk = pq.read_table(live.workspace / "selections" / selection_id / "selection.parquet")
+    on_disk = pq.read_table(Workspace(str(live.workspace)).path("selections", selection_id,
+                                                                "selection.parquet"))
     parquet = live.call("GET", f"/v1/selections/{selection_id}/manifest")
     assert parquet.status_code == 200
     assert pq.read_table(io.BytesIO(parquet.content)).equals(on_disk)
@@ -293,7 +294,7 @@ def test_delete_stops_a_running_job(live):
     stopped = live.call("DELETE", f"/v1/jobs/{job_id}")
     assert stopped.status_code == 200 and stopped.json()["stopped"] is True, stopped.text
     assert live.wait_job(job_id, timeout_s=120)["status"] == "STOPPED"
-    assert not (live.workspace / "selections" / "to-stop").exists()
+    assert not Workspace(str(live.workspace)).exists("selections", "to-stop")
 
 
 def test_cli_submit_and_jobs(live):
@@ -439,5 +440,5 @@ def test_the_later_of_two_writers_of_one_key_gets_already_exists(tmp_path):
     first.__exit__(None, None, None)
     with pytest.raises(AlreadyExists, match="already exists"):
         second.__exit__(None, None, None)
-    assert (tmp_path / "ws" / "selections" / "same" / "data.txt").read_text() == "first"
-    assert list((tmp_path / "ws" / "selections" / ".staging").iterdir()) == []
+    assert workspace.read_bytes(workspace.path("selections", "same", "data.txt")) == b"first"
+    assert workspace.drafts("selections", "same") == []

@@ -1,131 +1,262 @@
-"""The workspace: atomic writes, staged artefacts published whole, key validation."""
+"""The workspace's publish protocol, on a local folder and on two real S3-protocol servers
+(moto and SeaweedFS on 127.0.0.1): versions written privately, one create-if-absent commit,
+readers that only ever see whole versions, crash garbage swept, key validation."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
 
-from medcurate.errors import MedcurateError
-from medcurate.workspace import PROVENANCE_FILE, STAGING_DIR, Workspace, validate_key
+from medcurate.errors import AlreadyExists, MedcurateError, NotFound
+from medcurate.workspace import (COMMITS_DIR, PROVENANCE_FILE, VERSIONS_DIR, Workspace,
+                                 validate_key)
+
+STORES = ["local", "moto", "seaweedfs"]
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    """Every file below ``folder`` (relative path -> bytes), hidden ones included."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+@pytest.fixture(params=STORES)
+def store_ws(request, tmp_path, monkeypatch) -> Workspace:
+    """A fresh workspace on each kind of store; S3 ones reached through the AWS_* variables,
+    as a user's shell or a Ray worker reaches them."""
+    if request.param == "local":
+        return Workspace(str(tmp_path / "ws"))
+    server = request.getfixturevalue("moto_s3" if request.param == "moto" else "seaweed_s3")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"ws-{uuid.uuid4().hex[:10]}"
+    server.make_bucket(bucket)
+    return Workspace(f"s3://{bucket}/medcurate")
 
 
-def _publish(ws: Workspace, key: str, payload: bytes, overwrite: bool = False) -> None:
+def _publish(ws: Workspace, key: str, payload: str, overwrite: bool = False) -> None:
+    """An artefact of three files that all carry ``payload``, one of them nested."""
     with ws.stage("collections", key, overwrite=overwrite) as staging:
-        ws.write_bytes(f"{staging}/data.bin", payload)
-        ws.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": payload.decode()})
+        ws.write_bytes(f"{staging}/a.txt", payload.encode())
+        ws.write_bytes(f"{staging}/sub/b.txt", payload.encode())
+        ws.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": payload, "outputs": {}})
 
 
-def _staging_leftovers(ws: Workspace, kind: str = "collections") -> list[str]:
-    staging = Path(ws.root) / kind / STAGING_DIR
-    return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+def _read_artefact(ws: Workspace, key: str) -> tuple[str, str, str]:
+    folder = ws.require("collections", key)
+    return (ws.read_bytes(f"{folder}/a.txt").decode(), ws.read_bytes(f"{folder}/sub/b.txt").decode(),
+            ws.read_json(f"{folder}/{PROVENANCE_FILE}")["payload"])
 
 
-def test_write_bytes_is_atomic_and_replaces(workspace):
-    target = f"{workspace.root}/collections/a/file.bin"
-    workspace.write_bytes(target, b"first version")
-    workspace.write_bytes(target, b"second")
-    folder = Path(target).parent
-    assert Path(target).read_bytes() == b"second"
-    assert os.listdir(folder) == ["file.bin"], "a temporary file was left behind"
+def _versions(ws: Workspace, key: str) -> list[str]:
+    return [i.base_name for i in ws.listing(f"{ws.artefact_root('collections', key)}/{VERSIONS_DIR}")]
 
 
-def test_write_json_round_trip(workspace):
-    path = f"{workspace.root}/jobs/j1/record.json"
-    workspace.write_json(path, {"b": 2, "a": [1, "x"]})
-    assert workspace.read_json(path) == {"a": [1, "x"], "b": 2}
-    assert os.listdir(Path(path).parent) == ["record.json"]
+def test_publish_is_visible_only_at_commit_and_hashes_every_file(store_ws):
+    ws = store_ws
+    with ws.stage("collections", "c1") as staging:
+        ws.write_bytes(f"{staging}/a.txt", b"payload")
+        ws.write_bytes(f"{staging}/sub/b.txt", b"nested")
+        ws.write_json(f"{staging}/{PROVENANCE_FILE}", {"kind": "x", "outputs": {"a.txt": {
+            "rows": 3, "sha256": "written-by-caller-and-wrong"}}})
+        assert ws.list("collections") == [] and not ws.exists("collections", "c1")
+    assert ws.list("collections") == ["c1"]
+    outputs = ws.provenance("collections", "c1")["outputs"]
+    import hashlib
+    assert outputs == {
+        "a.txt": {"rows": 3, "sha256": hashlib.sha256(b"payload").hexdigest(), "bytes": 7},
+        "sub/b.txt": {"sha256": hashlib.sha256(b"nested").hexdigest(), "bytes": 6}}
+    assert ws.read_bytes(ws.path("collections", "c1", "sub", "b.txt")) == b"nested"
 
 
-def test_stage_publishes_complete_artefact_only_at_exit(workspace):
-    with workspace.stage("collections", "c1") as staging:
-        workspace.write_bytes(f"{staging}/data.bin", b"payload")
-        assert workspace.list("collections") == []  # not visible while being written
-        assert not workspace.exists("collections", "c1")
-        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", {"ok": True})
-        assert workspace.list("collections") == []
-    assert workspace.list("collections") == ["c1"]
-    final = workspace.local_path("collections", "c1")
-    assert _tree(final) == {"data.bin": b"payload", PROVENANCE_FILE: (final / PROVENANCE_FILE)
-                            .read_bytes()}
-    assert workspace.provenance("collections", "c1") == {"ok": True}
-    assert _staging_leftovers(workspace) == []
-
-
-def test_stage_without_provenance_publishes_nothing(workspace):
+def test_stage_without_provenance_publishes_nothing(store_ws):
+    ws = store_ws
     with pytest.raises(RuntimeError, match="no provenance"):
-        with workspace.stage("collections", "c1") as staging:
-            workspace.write_bytes(f"{staging}/data.bin", b"payload")
-    assert workspace.list("collections") == []
-    assert not workspace.local_path("collections", "c1").exists()
-    assert _staging_leftovers(workspace) == []
+        with ws.stage("collections", "c1") as staging:
+            ws.write_bytes(f"{staging}/a.txt", b"payload")
+    assert ws.list("collections") == [] and _versions(ws, "c1") == []
 
 
-def test_failure_inside_stage_keeps_earlier_artefact_byte_identical(workspace):
-    _publish(workspace, "c1", b"original")
-    final = workspace.local_path("collections", "c1")
-    before = _tree(final)
+def test_failed_overwrite_keeps_earlier_artefact_and_leaves_no_version(store_ws):
+    ws = store_ws
+    _publish(ws, "c1", "original")
 
     class Boom(Exception):
         pass
 
     with pytest.raises(Boom):
-        with workspace.stage("collections", "c1", overwrite=True) as staging:
-            workspace.write_bytes(f"{staging}/data.bin", b"half-written replacement")
-            workspace.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": "new"})
+        with ws.stage("collections", "c1", overwrite=True) as staging:
+            ws.write_bytes(f"{staging}/a.txt", b"half-written replacement")
             raise Boom()
-    assert _tree(final) == before
-    assert workspace.list("collections") == ["c1"]
-    assert _staging_leftovers(workspace) == []
-
-    # A failure in a new key leaves no visible artefact at all.
-    with pytest.raises(Boom):
-        with workspace.stage("collections", "c2") as staging:
-            workspace.write_bytes(f"{staging}/data.bin", b"partial")
-            raise Boom()
-    assert workspace.list("collections") == ["c1"]
-    assert not workspace.local_path("collections", "c2").exists()
+    assert _read_artefact(ws, "c1") == ("original",) * 3
+    assert len(_versions(ws, "c1")) == 1
 
 
-def test_overwrite_replaces_whole_artefact(workspace):
-    _publish(workspace, "c1", b"original")
-    with workspace.stage("collections", "c1", overwrite=True) as staging:
-        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": "replaced"})
-    final = workspace.local_path("collections", "c1")
-    assert sorted(_tree(final)) == [PROVENANCE_FILE]  # no file of the old artefact survives
-    assert workspace.provenance("collections", "c1") == {"payload": "replaced"}
-    assert _staging_leftovers(workspace) == []
+def test_overwrite_replaces_the_whole_artefact(store_ws):
+    ws = store_ws
+    _publish(ws, "c1", "original")
+    with ws.stage("collections", "c1", overwrite=True) as staging:
+        ws.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": "replaced"})
+    folder = ws.require("collections", "c1")
+    assert sorted(i.base_name for i in ws.listing(folder)) == [PROVENANCE_FILE]
+    assert ws.provenance("collections", "c1")["payload"] == "replaced"
 
 
-def test_existing_key_without_overwrite_is_refused_before_work(workspace):
-    _publish(workspace, "c1", b"original")
-    before = _tree(workspace.local_path("collections", "c1"))
+def test_existing_key_without_overwrite_is_refused_before_work(store_ws):
+    ws = store_ws
+    _publish(ws, "c1", "original")
     entered = False
-    with pytest.raises(MedcurateError, match="already exists"):
-        with workspace.stage("collections", "c1"):
+    with pytest.raises(AlreadyExists, match="already exists"):
+        with ws.stage("collections", "c1"):
             entered = True
-    assert not entered
-    assert _tree(workspace.local_path("collections", "c1")) == before
+    assert not entered and _read_artefact(ws, "c1") == ("original",) * 3
+
+
+def test_of_concurrent_writers_exactly_one_wins(store_ws):
+    """Eight writers of one new key pass the early check together; one commit is created."""
+    ws = store_ws
+    barrier, outcomes = threading.Barrier(8), []
+
+    def writer(index: int) -> None:
+        own = Workspace(ws.uri)
+        folder = own.new_draft("collections", "race")
+        own.write_bytes(f"{folder}/a.txt", f"w{index}".encode())
+        own.write_bytes(f"{folder}/sub/b.txt", f"w{index}".encode())
+        own.write_json(f"{folder}/{PROVENANCE_FILE}", {"payload": f"w{index}"})
+        barrier.wait(timeout=60)
+        try:
+            own.publish("collections", "race", folder)
+            outcomes.append(("won", index))
+        except AlreadyExists:
+            outcomes.append(("lost", index))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [i for outcome, i in outcomes if outcome == "won"]
+    assert len(outcomes) == 8 and len(winners) == 1, outcomes
+    assert _read_artefact(ws, "race") == (f"w{winners[0]}",) * 3
+
+
+def test_readers_never_see_a_missing_or_mixed_artefact_during_overwrites(store_ws):
+    ws = store_ws
+    _publish(ws, "live", "v0")
+    stop, seen, problems = threading.Event(), set(), []
+
+    def reader() -> None:
+        own = Workspace(ws.uri)
+        while not stop.is_set():
+            try:
+                values = _read_artefact(own, "live")
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+                problems.append(repr(exc))
+                return
+            if len(set(values)) != 1:
+                problems.append(f"mixed versions {values}")
+            seen.add(values[0])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for index in range(1, 9):
+            _publish(ws, "live", f"v{index}", overwrite=True)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert problems == []
+    assert _read_artefact(ws, "live") == ("v8",) * 3
+    assert len(seen) >= 2, "the reader never overlapped an overwrite"
+
+
+_KILLED_WRITER = """
+import sys, time
+from medcurate.workspace import PROVENANCE_FILE, Workspace
+ws = Workspace(sys.argv[1])
+with ws.stage("collections", "c1", overwrite=True) as staging:
+    ws.write_bytes(f"{staging}/a.txt", b"replacement")
+    print("written", flush=True)
+    time.sleep(600)
+    ws.write_bytes(f"{staging}/sub/b.txt", b"replacement")
+    ws.write_json(f"{staging}/{PROVENANCE_FILE}", {"payload": "replacement"})
+"""
+
+
+def test_a_writer_killed_before_its_commit_leaves_the_earlier_artefact_and_gc_sweeps(store_ws):
+    ws = store_ws
+    _publish(ws, "c1", "original")
+    live = ws.head("collections", "c1")
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, ws.uri],
+                               stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert process.stdout.readline().strip() == "written"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert _read_artefact(ws, "c1") == ("original",) * 3
+    drafts = [v for v in _versions(ws, "c1") if v != live.version]
+    assert len(drafts) == 1  # the killed writer's draft is garbage now
+    assert ws.gc(grace_seconds=3600) == []  # young garbage is kept: it may be a live writer
+    assert ws.gc(grace_seconds=0) == [f"collections/c1/{VERSIONS_DIR}/{drafts[0]}"]
+    assert _versions(ws, "c1") == [live.version]
+    assert _read_artefact(ws, "c1") == ("original",) * 3
+
+
+def test_gc_removes_superseded_versions_and_old_commits_but_never_the_live_one(store_ws):
+    ws = store_ws
+    for index in range(3):
+        _publish(ws, "c1", f"v{index}", overwrite=bool(index))
+    before = _versions(ws, "c1")
+    assert len(before) == 3  # superseded versions stay within the grace period
+    live = ws.head("collections", "c1")
+    removed = ws.gc(grace_seconds=0)
+    assert sorted(removed) == sorted(f"collections/c1/{VERSIONS_DIR}/{v}" for v in before
+                                     if v != live.version)
+    commits = [i.base_name for i in
+               ws.listing(f"{ws.artefact_root('collections', 'c1')}/{COMMITS_DIR}")]
+    assert commits == [f"{live.seq:012d}.json"]
+    assert _read_artefact(ws, "c1") == ("v2",) * 3
+    _publish(ws, "c1", "v3", overwrite=True)  # the chain goes on after old commits are gone
+    assert _read_artefact(ws, "c1") == ("v3",) * 3
+
+
+def test_write_bytes_on_a_local_disk_leaves_no_temporary_file(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    target = f"{ws.root}/jobs/j1/file.bin"
+    ws.write_bytes(target, b"first version")
+    ws.write_bytes(target, b"second")
+    assert Path(target).read_bytes() == b"second"
+    assert os.listdir(Path(target).parent) == ["file.bin"]
+
+
+def test_an_artefact_from_before_versions_is_read_in_place(tmp_path):
+    """Workspaces written by earlier releases (files straight in <kind>/<key>/) stay readable,
+    and an overwrite publishes a version over them."""
+    ws = Workspace(str(tmp_path / "ws"))
+    legacy = Path(ws.root) / "collections" / "old"
+    legacy.mkdir(parents=True)
+    (legacy / "a.txt").write_text("legacy")
+    (legacy / PROVENANCE_FILE).write_text('{"payload": "legacy"}')
+    assert ws.list("collections") == ["old"]
+    assert ws.read_bytes(ws.path("collections", "old", "a.txt")) == b"legacy"
+    _publish(ws, "old", "new", overwrite=True)
+    assert _read_artefact(ws, "old") == ("new",) * 3
 
 
 @pytest.mark.parametrize("key", ["../x", "a/b", "", ".hidden", "..", "a b", "x\n", "/abs",
                                  "a" * 129])
-def test_invalid_keys_are_refused(workspace, key):
+def test_invalid_keys_are_refused(tmp_path, key):
+    ws = Workspace(str(tmp_path / "ws"))
     with pytest.raises(MedcurateError, match="invalid name"):
         validate_key(key)
     with pytest.raises(MedcurateError, match="invalid name"):
-        workspace.path("collections", key)
+        ws.path("collections", key)
     with pytest.raises(MedcurateError, match="invalid name"):
-        with workspace.stage("collections", key):
+        with ws.stage("collections", key):
             pass
-    assert not Path(workspace.root).exists() or _staging_leftovers(workspace) == []
+    assert not Path(ws.root).exists()
 
 
 @pytest.mark.parametrize("key", ["a", "brain-tumor_v1.2", "A" * 128])
@@ -133,14 +264,15 @@ def test_valid_keys_are_accepted(key):
     assert validate_key(key) == key
 
 
-def test_list_shows_only_complete_artefacts_and_ignores_stray_folders(workspace):
-    _publish(workspace, "done", b"x")
-    base = Path(workspace.root) / "collections"
-    (base / "half").mkdir()  # a folder without provenance, e.g. left by a crashed tool
-    (base / "half" / "manifest.parquet").write_bytes(b"partial")
+def test_list_shows_only_published_artefacts_and_ignores_stray_folders(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    _publish(ws, "done", "x")
+    base = Path(ws.root) / "collections"
+    (base / "half" / VERSIONS_DIR / "v").mkdir(parents=True)  # a crashed writer's draft
+    (base / "half" / VERSIONS_DIR / "v" / "manifest.parquet").write_bytes(b"partial")
     (base / "not a key").mkdir()  # a folder a user made by hand
     (base / "not a key" / PROVENANCE_FILE).write_text("{}")
-    assert workspace.list("collections") == ["done"]
-    assert workspace.list("selections") == []
-    with pytest.raises(MedcurateError, match=r"known: done"):
-        workspace.require("collections", "half")
+    assert ws.list("collections") == ["done"]
+    assert ws.list("selections") == []
+    with pytest.raises(NotFound, match=r"known: done"):
+        ws.require("collections", "half")

@@ -23,13 +23,14 @@ from medcurate.ingest import dicom
 from medcurate.ingest.decode import ImageError, probe
 from medcurate.ingest.sources import Listing, list_source
 from medcurate.provenance import OutputRef, Provenance, utc_now
-from medcurate.runtime import ensure_ray, stage_resources
+from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
 REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("member", pa.string()),
                             ("reason", pa.string())])
+NODE_COLUMN = "ingest_probe_node"  # which node probed a row; dropped before the manifest
 _PROBE_COLUMNS = [("width", pa.int32()), ("height", pa.int32()), ("channels", pa.int8()),
                   ("bit_depth", pa.int8()), ("sha256", pa.string()), ("error", pa.string())]
 _DICOM_COLUMNS = [(f, pa.string()) for f in dicom.CONFOUNDER_FIELDS] + [
@@ -63,7 +64,7 @@ class _ProbeBatch:
                 values[name].append(row.get(name))
         for name, kind in columns:
             batch = batch.append_column(name, pa.array(values[name], kind))
-        return batch
+        return batch.append_column(NODE_COLUMN, pa.array([this_node()] * batch.num_rows))
 
 
 def _manifest_batch(batch: pa.Table, seen: dict[bytes, str]) -> pa.Table:
@@ -105,65 +106,86 @@ def ingest(config: IngestConfig, workspace: Workspace | None = None) -> dict:
                             "pass --overwrite to replace it or choose another name")
     listing = list_source(config)
     with workspace.stage("collections", config.name, overwrite=config.overwrite) as staging:
-        rejects = pq.ParquetWriter(f"{staging}/{REJECTS_FILE}", REJECTS_SCHEMA,
-                                   filesystem=workspace.fs)
-        if listing.rejects:
-            rejects.write_table(pa.Table.from_pylist(listing.rejects, REJECTS_SCHEMA))
-        reasons = Counter(r["reason"] for r in listing.rejects)
-        manifest, seen = None, {}
-        labels, splits, duplicates = Counter(), Counter(), 0
-        content = hashlib.sha256()  # the archive's content hash, over (relpath, sha256) rows
-        if listing.items.num_rows:
-            ensure_ray()
-            progress = tqdm(total=listing.items.num_rows, desc=f"ingest {config.name}",
-                            unit="img", file=sys.stderr, disable=None)
-            for batch in _probe_dataset(listing, config, window).iter_batches(
-                    batch_format="pyarrow", batch_size=None):
-                failed = pc.is_valid(batch.column("error"))
-                bad = batch.filter(failed)
-                if bad.num_rows:
-                    rejects.write_table(bad.select(["uri", "member"]).append_column(
-                        "reason", bad.column("error")).cast(REJECTS_SCHEMA))
-                    reasons.update(bad.column("error").to_pylist())
-                good = _manifest_batch(batch.filter(pc.invert(failed)), seen)
-                if good.num_rows:
-                    if manifest is None:
-                        manifest = pq.ParquetWriter(f"{staging}/{MANIFEST_FILE}", good.schema,
-                                                    filesystem=workspace.fs)
-                    manifest.write_table(good.cast(manifest.schema))
-                    labels.update(good.column("label").to_pylist())
-                    splits.update(good.column("split").to_pylist())
-                    duplicates += good.num_rows - pc.sum(pc.is_null(good.column("duplicate_of"))).as_py()
-                    for relpath, digest in zip(good.column("relpath").to_pylist(),
-                                               good.column("sha256").to_pylist()):
-                        content.update(f"{relpath}\0{digest}\0".encode())
-                progress.update(batch.num_rows)
-            progress.close()
-        rejects.close()
-        rejected = sum(reasons.values())
-        if manifest is None:
-            top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
-            raise MedcurateError(f"source {config.source} holds no usable image "
-                                 f"({rejected} rejected: {top or 'none found'})")
-        manifest.close()
-        summary = {
-            "collection": config.name, "format": listing.format,
-            "ingested": sum(labels.values()), "rejected": rejected,
-            "exact_duplicates": duplicates,
-            "classes": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0]))},
-            "splits": {str(k): v for k, v in sorted(splits.items(), key=lambda kv: str(kv[0]))},
-            "reject_reasons": dict(reasons.most_common(20)),
-        }
-        inputs = listing.inputs
-        if inputs[0].role == "source" and inputs[0].sha256 is None:
-            inputs[0].sha256 = content.hexdigest()
-        outputs = {name: _output_ref(workspace, f"{staging}/{name}")
-                   for name in (MANIFEST_FILE, REJECTS_FILE)}
-        record = Provenance(kind="collection", key=config.name, started_at=started,
-                            config=config.model_dump(), inputs=inputs, outputs=outputs,
-                            summary=summary)
-        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+        writers: list[pq.ParquetWriter] = []
+        try:
+            rejects = pq.ParquetWriter(f"{staging}/{REJECTS_FILE}", REJECTS_SCHEMA,
+                                       filesystem=workspace.fs)
+            writers.append(rejects)
+            if listing.rejects:
+                rejects.write_table(pa.Table.from_pylist(listing.rejects, REJECTS_SCHEMA))
+            reasons = Counter(r["reason"] for r in listing.rejects)
+            manifest, seen = None, {}
+            labels, splits, duplicates = Counter(), Counter(), 0
+            content = hashlib.sha256()  # the archive's content hash, over (relpath, sha256) rows
+            nodes = NodesSeen()
+            if listing.items.num_rows:
+                ensure_ray()
+                progress = tqdm(total=listing.items.num_rows, desc=f"ingest {config.name}",
+                                unit="img", file=sys.stderr, disable=None)
+                for batch in _probe_dataset(listing, config, window).iter_batches(
+                        batch_format="pyarrow", batch_size=None):
+                    nodes.take("ingest_probe", batch.column(NODE_COLUMN).unique().to_pylist())
+                    batch = batch.drop_columns([NODE_COLUMN])
+                    failed = pc.is_valid(batch.column("error"))
+                    bad = batch.filter(failed)
+                    if bad.num_rows:
+                        rejects.write_table(bad.select(["uri", "member"]).append_column(
+                            "reason", bad.column("error")).cast(REJECTS_SCHEMA))
+                        reasons.update(bad.column("error").to_pylist())
+                    good = _manifest_batch(batch.filter(pc.invert(failed)), seen)
+                    if good.num_rows:
+                        if manifest is None:
+                            manifest = pq.ParquetWriter(f"{staging}/{MANIFEST_FILE}",
+                                                        good.schema, filesystem=workspace.fs)
+                            writers.append(manifest)
+                        manifest.write_table(good.cast(manifest.schema))
+                        labels.update(good.column("label").to_pylist())
+                        splits.update(good.column("split").to_pylist())
+                        duplicates += good.num_rows - pc.sum(pc.is_null(good.column("duplicate_of"))).as_py()
+                        for relpath, digest in zip(good.column("relpath").to_pylist(),
+                                                   good.column("sha256").to_pylist()):
+                            content.update(f"{relpath}\0{digest}\0".encode())
+                    progress.update(batch.num_rows)
+                progress.close()
+            rejects.close()
+            rejected = sum(reasons.values())
+            if manifest is None:
+                top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+                raise MedcurateError(f"source {config.source} holds no usable image "
+                                     f"({rejected} rejected: {top or 'none found'})")
+            manifest.close()
+            summary = {
+                "collection": config.name, "format": listing.format,
+                "ingested": sum(labels.values()), "rejected": rejected,
+                "exact_duplicates": duplicates,
+                "classes": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0]))},
+                "splits": {str(k): v for k, v in sorted(splits.items(), key=lambda kv: str(kv[0]))},
+                "reject_reasons": dict(reasons.most_common(20)),
+                "nodes": nodes.as_dict(),
+            }
+            inputs = listing.inputs
+            if inputs[0].role == "source" and inputs[0].sha256 is None:
+                inputs[0].sha256 = content.hexdigest()
+            outputs = {name: _output_ref(workspace, f"{staging}/{name}")
+                       for name in (MANIFEST_FILE, REJECTS_FILE)}
+            record = Provenance(kind="collection", key=config.name, started_at=started,
+                                config=config.model_dump(), inputs=inputs, outputs=outputs,
+                                summary=summary)
+            workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+        except BaseException:
+            _close_quietly(writers)
+            raise
     return summary
+
+
+def _close_quietly(writers: list[pq.ParquetWriter]) -> None:
+    """Close streaming writers on an error path. An object store's failed upload left to the
+    writer's finaliser can hang the process at exit; the draft is deleted anyway."""
+    for writer in writers:
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - the error that got us here is the one to report
+            pass
 
 
 def _output_ref(workspace: Workspace, path: str) -> OutputRef:

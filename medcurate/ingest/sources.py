@@ -56,7 +56,10 @@ def split_of_file(name: str) -> str | None:
 
 
 def _join_uri(root: str, relpath: str) -> str:
-    return f"{root.rstrip('/')}/{relpath}" if relpath else root
+    """``root/relpath``, keeping a query (``?endpoint_override=…``) of the root at the end."""
+    base, query = root.split("?", 1) if "?" in root else (root, "")
+    joined = f"{base.rstrip('/')}/{relpath}" if relpath else base
+    return f"{joined}?{query}" if query else joined
 
 
 class _Source:

@@ -21,6 +21,7 @@ Design choices:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -211,12 +212,11 @@ def build_mae(arch: str, img_size: int, patch_size: int, in_chans: int,
     return MAE(arch=arch, img_size=img_size, patch_size=patch_size, in_chans=in_chans, **settings)
 
 
-def save_checkpoint(model: MAE, path: str | os.PathLike, meta: dict) -> None:
-    """Write the whole MAE (config, normalisation, weights, ``meta``) to one file atomically.
+def checkpoint_bytes(model: MAE, meta: dict) -> bytes:
+    """The whole MAE (config, normalisation, weights, ``meta``) as one file's bytes.
 
     ``meta`` must be JSON-like (it is loaded back with ``torch.load(weights_only=True)``).
     """
-    path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": model.config["arch"],
@@ -226,10 +226,18 @@ def save_checkpoint(model: MAE, path: str | os.PathLike, meta: dict) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": json.loads(json.dumps(meta)),
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(model: MAE, path: str | os.PathLike, meta: dict) -> None:
+    """Write :func:`checkpoint_bytes` to a local file atomically."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        torch.save(payload, tmp)
+        tmp.write_bytes(checkpoint_bytes(model, meta))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -237,10 +245,18 @@ def save_checkpoint(model: MAE, path: str | os.PathLike, meta: dict) -> None:
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
-    if not Path(path).is_file():
-        raise MedcurateError(f"no MAE checkpoint at {path}")
+    """A checkpoint from a local path or an object-store URI (models published into an
+    ``s3://`` workspace are read from there, on whichever node embeds)."""
+    from medcurate.workspace import resolve_filesystem
+
+    fs, resolved = resolve_filesystem(str(path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open_input_stream(resolved) as stream:
+            data = stream.read()
+    except (FileNotFoundError, OSError):
+        raise MedcurateError(f"no MAE checkpoint at {path}") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
         raise MedcurateError(f"{path} is not a medcurate MAE checkpoint "
                              f"(cannot be read by torch.load: {type(exc).__name__})") from None

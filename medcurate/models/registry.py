@@ -333,11 +333,18 @@ def _mae(spec: str, checkpoint: str) -> Encoder:
         from medcurate.models.mae import load_mae_encoder
     except ImportError as exc:
         raise MedcurateError(f"mae: specs need medcurate.models.mae, which cannot be imported: {exc}") from exc
-    path = _existing_file(checkpoint)
+    if "://" in checkpoint and not checkpoint.startswith("file://"):
+        # A model published into an object-store workspace: read where it lies, from any node.
+        from medcurate.workspace import resolve_filesystem
+        from medcurate.workspace import file_sha256 as stored_sha256
+
+        path, sha256 = checkpoint, lambda uri: stored_sha256(*resolve_filesystem(uri))[0]
+    else:
+        path, sha256 = _existing_file(checkpoint), file_sha256
     module, info = load_mae_encoder(path)
     prep = Preprocessing(info["img_size"], info["in_chans"], tuple(info["mean"]), tuple(info["std"]))
     return Encoder(module, spec=spec, embed_dim=info["embed_dim"], preprocessing=prep,
-                   weights=path, weights_sha256=file_sha256(path))
+                   weights=path, weights_sha256=sha256(path))
 
 
 # -- the factory --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 
 import numpy as np
@@ -24,6 +25,7 @@ from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.sources import CORE_COLUMNS
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import write_report
+from medcurate.runtime import NodesSeen, ensure_ray, this_node
 from medcurate.select import select, strategy_params
 from medcurate.select.synthesis import publish_synthetic, synthetic_collection_name
 from medcurate.workspace import PROVENANCE_FILE, Workspace
@@ -43,16 +45,22 @@ def default_selection_id(config: SelectConfig, collection: str) -> str:
     return f"{collection}-{config.strategy}-{size}-s{config.seed}-{digest}"
 
 
-def ray_transform_map(fn, chunks: list) -> list:
-    """Run ``fn`` over chunks as Ray tasks: UMAP transform of a million points in parallel."""
-    import ray
+class RayTransformMap:
+    """Run ``fn`` over chunks as Ray tasks (UMAP transform of a million points in parallel),
+    remembering which nodes ran them for the selection's provenance."""
 
-    from medcurate.runtime import ensure_ray
+    def __init__(self):
+        self.nodes = NodesSeen()
 
-    ensure_ray()
-    fn_ref = ray.put(fn)
-    apply = ray.remote(lambda f, chunk: f(chunk))
-    return ray.get([apply.remote(fn_ref, chunk) for chunk in chunks])
+    def __call__(self, fn, chunks: list) -> list:
+        import ray
+
+        ensure_ray()
+        fn_ref = ray.put(fn)
+        apply = ray.remote(lambda f, chunk: (this_node(), f(chunk)))
+        done = ray.get([apply.remote(fn_ref, chunk) for chunk in chunks])
+        self.nodes.take("umap_transform", [node for node, _ in done])
+        return [result for _, result in done]
 
 
 def _values(table: pa.Table, column: str) -> np.ndarray:
@@ -117,8 +125,10 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
                              f"{', '.join('--' + n.replace('_', '-') for n in unused)}")
     if "transform_map" in accepted and backends.backend_name() == "cpu":
         # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
-        params["transform_map"] = ray_transform_map
+        params["transform_map"] = RayTransformMap()
+    clock = time.perf_counter()
     rows, X = load_embeddings(workspace, config.embedding_run)
+    timing = {"load_s": round(time.perf_counter() - clock, 3)}
     if config.splits:
         rows, X = _in_splits(rows, X, config.splits)
     manifest = read_manifest(workspace, collection)
@@ -139,8 +149,10 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
         parts = [_values(metadata, c) for c in config.stratify_by]
         strata = np.array(["|".join(f"{c}={v}" for c, v in zip(config.stratify_by, values))
                            for values in zip(*parts)], dtype=object)
+    clock = time.perf_counter()
     result = select(config.strategy, X, labels, config.budget_per_class, seed=config.seed,
                     strata=strata, min_per_stratum=config.min_per_stratum, **params)
+    timing["select_s"] = round(time.perf_counter() - clock, 3)
     chosen = np.asarray(result.indices, dtype=np.int64)
     selected = np.zeros(len(labels), dtype=bool)
     selected[chosen] = True
@@ -149,7 +161,9 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     notes = list(result.info.get("notes", []))
     summary = build_summary(config, labels, selected, result.point_groups, chart_values, notes)
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
-                   collection=collection, backend=backends.backend_name())
+                   collection=collection, backend=backends.backend_name(),
+                   nodes=params["transform_map"].nodes.as_dict()
+                   if "transform_map" in params else {}, timing=timing)
     inputs = [InputRef(role="embedding_run", uri=config.embedding_run,
                        sha256=_digest_outputs(run_record)),
               InputRef(role="collection", uri=collection,

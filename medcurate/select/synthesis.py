@@ -58,7 +58,7 @@ def publish_synthetic(workspace: Workspace, name: str, plan: SynthesisPlan, sour
             data = _png(pixels)
             relpath = f"{IMAGE_DIR}/{index:06d}.png"
             workspace.write_bytes(f"{staging}/{relpath}", data)
-            rows.append({"uri": workspace.location("collections", name, relpath),
+            rows.append({"uri": workspace.location(f"{staging}/{relpath}"),
                          "relpath": relpath, "width": pixels.shape[1],
                          "height": pixels.shape[0],
                          "channels": 1 if pixels.ndim == 2 else pixels.shape[2],

@@ -147,7 +147,7 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
     else:
         folds = fold_plan(targets["train"], config.folds, config.val_fraction, config.seed)
     design = _Design(config, targets, positive, carriers)
-    storage = str(workspace.local_path("jobs", audit_id))
+    storage = workspace.scratch(audit_id)
     confounder = None if carriers is not None else kind
     # A linear probe without augmentation sees each image's frozen features only: compute
     # them once per model (clean and confounded) and train every level and fold on them.

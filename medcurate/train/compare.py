@@ -52,7 +52,7 @@ class _Trainer:
         self.model, self.weights = run_model["spec"], run_model.get("weights")
         self.prep = None if features else preprocessing_for(self.model, self.weights,
                                                             config.img_size)
-        self.storage = str(workspace.local_path("jobs", comparison_id))
+        self.storage = workspace.scratch(comparison_id)
 
     def __call__(self, train: pa.Table, val: pa.Table, test: pa.Table, seed: int,
                  name: str) -> np.ndarray:

@@ -19,7 +19,6 @@ import hashlib
 import io
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ from medcurate.models import Preprocessing, create_encoder, preprocess_batch
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray, stage_resources, training_gpu
 from medcurate.train.evaluation import check_metrics, classification_metrics, fold_plan
-from medcurate.workspace import PROVENANCE_FILE, Workspace
+from medcurate.workspace import PROVENANCE_FILE, Scratch, Workspace
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.pt"
@@ -354,7 +353,7 @@ def preprocessing_for(model: str, weights: str | None, img_size: int | None) -> 
 
 def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_classes: int,
                    train: pa.Table, val: pa.Table, tests: dict[str, pa.Table], *,
-                   prep: Preprocessing, storage: str, name: str,
+                   prep: Preprocessing, storage: Scratch, name: str,
                    confounder: str | None = None, seed: int | None = None) -> FitResult:
     """One Ray Train run over ``image_table`` rows; predictions for every test table."""
     ensure_ray()
@@ -373,7 +372,8 @@ def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         scaling_config=ray.train.ScalingConfig(num_workers=training.num_workers,
                                                use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+        run_config=ray.train.RunConfig(name=name, storage_path=storage.path,
+                                       storage_filesystem=storage.ray_filesystem,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
     if result.checkpoint is None:
@@ -381,7 +381,7 @@ def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_
     with result.checkpoint.as_directory() as folder:
         payload = torch.load(os.path.join(folder, RESULT_FILE), map_location="cpu",
                              weights_only=False)
-    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+    storage.delete(name)
     return FitResult(state=payload["state"], history=payload["history"],
                      predictions={k: probs for k, (probs, _) in payload["predictions"].items()})
 
@@ -481,7 +481,7 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
         plans = [(np.arange(rows.num_rows), None)]
     else:
         plans = fold_plan(targets, config.folds, config.val_fraction, config.seed)
-    storage = str(workspace.local_path("jobs", run_id))
+    storage = workspace.scratch(run_id)
 
     records, predictions, states, histories = [], [], [], []
     for fold, (train_at, val_at) in enumerate(plans):
@@ -509,7 +509,7 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
                 **{f"p_{c}": pa.array(probs[:, i]) for i, c in enumerate(classes)}}))
         states.append(result.state)
         histories.append(result.history)
-    shutil.rmtree(storage, ignore_errors=True)
+    storage.delete()
 
     summary = _summarise(records, config.metrics)
     document = {"run_id": run_id, "train": config.train, "collection": collection,

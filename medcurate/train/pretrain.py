@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -34,9 +33,9 @@ from medcurate.config import PretrainConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import load_rows
-from medcurate.models.mae import build_mae, save_checkpoint
+from medcurate.models.mae import build_mae, checkpoint_bytes
 from medcurate.models.preprocess import Preprocessing, preprocess_batch
-from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
+from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray, stage_resources, training_gpu
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
@@ -204,15 +203,6 @@ def _run_name(config: PretrainConfig, inputs: list[InputRef]) -> str:
     return f"pretrain-{config.model_name[:100]}-{digest.hexdigest()[:12]}"
 
 
-def _file_ref(path: str) -> OutputRef:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return OutputRef(sha256=digest.hexdigest(), bytes=size)
-
-
 def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict:
     """Pretrain an MAE on a collection and publish it as ``models/<name>/``; returns a summary."""
     workspace = workspace or Workspace()
@@ -241,7 +231,7 @@ def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict
                 lr=config.lr, warmup_epochs=config.warmup_epochs,
                 weight_decay=config.weight_decay, seed=config.seed,
                 steps_per_epoch=math.ceil(rows_per_worker / config.batch_size))
-    job_folder = workspace.local_path("jobs", run_name)
+    storage = workspace.scratch(run_name)
 
     with workspace.stage("models", name, overwrite=config.overwrite) as staging:
         trainer = ray.train.torch.TorchTrainer(
@@ -250,7 +240,8 @@ def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict
                                                    use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=str(job_folder),
+                name=run_name, storage_path=storage.path,
+                storage_filesystem=storage.ray_filesystem,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
             datasets={"train": dataset},
         )
@@ -265,15 +256,15 @@ def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict
         losses = [round(v, 6) for v in state["losses"]]
         summary = {"final_loss": losses[-1], "epochs": len(losses), "losses": losses,
                    "images": table.num_rows, "run": run_name, "use_gpu": use_gpu}
-        save_checkpoint(model, f"{staging}/{MODEL_FILE}",
-                        meta={"collection": config.collection, "name": name, **summary})
+        workspace.write_bytes(f"{staging}/{MODEL_FILE}", checkpoint_bytes(
+            model, meta={"collection": config.collection, "name": name, **summary}))
         record = Provenance(
             kind="model", key=name, started_at=started, config=config.model_dump(),
             inputs=inputs,
-            outputs={MODEL_FILE: _file_ref(f"{staging}/{MODEL_FILE}")},
             model={**model.config, "mean": mean, "std": std},
             seed=config.seed, summary=summary)
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
-    shutil.rmtree(job_folder, ignore_errors=True)  # published: the resume points are spent
-    return {"name": name, "checkpoint": workspace.path("models", name, MODEL_FILE),
+    storage.delete()  # published: the resume points are spent
+    return {"name": name,
+            "checkpoint": workspace.location(workspace.path("models", name, MODEL_FILE)),
             "mean": mean, "std": std, **summary}
