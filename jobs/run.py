@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from medcurate.cli import validation_message
 from medcurate.commands import run_command
 from medcurate.errors import MedcurateError
-from medcurate.workspace import Workspace
+from medcurate.workspace import Workspace, store_error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(params, dict):
             raise MedcurateError("--params-json must be a JSON object")
         workspace = Workspace(args.workspace)
+        workspace.check()
         print(f"running {args.kind} in workspace {workspace.root}", file=sys.stderr)
         result = run_command(args.kind, params, workspace)
     except json.JSONDecodeError as exc:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(validation_message(exc))
     except MedcurateError as exc:
         return fail(str(exc))
+    except OSError as exc:  # the store failed mid-command; drafts were cleaned up
+        return fail(store_error_message(workspace.uri, exc))
     print(json.dumps(result, default=str), flush=True)
     return 0
 

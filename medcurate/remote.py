@@ -17,6 +17,7 @@ import typing
 import typer
 
 from medcurate.commands import command
+from medcurate.config import absolute_location
 from medcurate.errors import MedcurateError
 
 SERVE_APP_NAME = "medcurate"
@@ -144,7 +145,9 @@ def submit_command(
 
     try:
         config = build_config(command(kind).config, _params(params_json, param or []))
-        typer.echo(_gateway(address).submit(kind, config, workspace))
+        # A relative local workspace would resolve against the job driver's working
+        # directory on the head, not the submitter's: make it absolute here, as sources are.
+        typer.echo(_gateway(address).submit(kind, config, absolute_location(workspace)))
     except MedcurateError as exc:
         _fail(str(exc))
 

@@ -152,8 +152,12 @@ class Workspace:
             return
         try:
             self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+            bucket = self.fs.get_file_info(self.root.split("/", 1)[0])
         except OSError as exc:
             raise MedcurateError(store_error_message(self.uri, exc)) from None
+        if bucket.type == pafs.FileType.NotFound:  # some servers list a missing bucket as empty
+            raise MedcurateError(store_error_message(self.uri, OSError(
+                f"bucket does not exist: {bucket.path}")))
 
     # -- addressing -------------------------------------------------------------------------
     def artefact_root(self, kind: str, key: str) -> str:
@@ -419,7 +423,8 @@ class Workspace:
 _STORE_FIXES = (
     (("NoSuchBucket", "bucket does not exist", "Bucket does not exist", "NO_SUCH_BUCKET"),
      "the bucket does not exist: create it first (e.g. `aws s3 mb s3://BUCKET`) or fix the URI"),
-    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ACCESS_DENIED", "403",
+    (("InvalidAccessKeyId", "INVALID_ACCESS_KEY_ID", "SignatureDoesNotMatch",
+      "SIGNATURE_DOES_NOT_MATCH", "AccessDenied", "ACCESS_DENIED", "HTTP status 403",
       "credentials"),
      "the store refused the credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
      "the node's role) to ones allowed to read and write this prefix"),

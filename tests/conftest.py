@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medcurate.workspace import Workspace
+from ray_cluster import two_node_cluster  # noqa: F401 - a fixture
 from s3_servers import moto_s3, s3_bucket, s3_server, seaweed_s3  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +41,10 @@ def ray_session():
 @pytest.fixture
 def workspace(tmp_path) -> Workspace:
     return Workspace(str(tmp_path / "ws"))
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster_env(seaweed_s3) -> dict[str, str]:
+    """Every process of the two-node test cluster reaches the session's SeaweedFS store, as a
+    real cluster's nodes reach their bucket (nodes share no disk)."""
+    return seaweed_s3.env()

@@ -252,7 +252,8 @@ def test_frozen_feature_probe_equals_the_ray_train_probe(real, tmp_path):
     prep = preprocessing_for("mobilenetv2-imagenet", None, 64)
     ray_fit = fit_classifier("mobilenetv2-imagenet", None, training, 2, tables["train"],
                              tables["val"], {"test": tables["test"]}, prep=prep,
-                             storage=str(tmp_path), name="ray", confounder="tag", seed=3)
+                             storage=Workspace(str(tmp_path)).scratch("probe"), name="ray",
+                             confounder="tag", seed=3)
     x = {name: frozen_features("mobilenetv2-imagenet", None, prep, table, "tag", 3)
          for name, table in tables.items()}
     y = {name: table.column("target").to_numpy() for name, table in tables.items()}
