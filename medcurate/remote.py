@@ -71,23 +71,44 @@ def serve_command(
     jobs_address: typing.Annotated[str | None, typer.Option(
         help="Ray Jobs API with --ray-address (env MEDCURATE_JOBS_ADDRESS; default "
              "http://127.0.0.1:8265).")] = None,
+    insecure_no_ray_auth: typing.Annotated[bool, typer.Option(
+        "--insecure-no-ray-auth",
+        help="Run the local Ray WITHOUT token authentication: anyone who can reach this "
+             "machine can then run code through it. Default: a fresh token, whatever "
+             "RAY_AUTH_MODE says.")] = False,
 ) -> None:
     """Run the HTTP service (Ray Serve + FastAPI) until Ctrl-C; docs at /docs."""
+    import os
+
     import ray
     from ray import serve
 
     from service.app import application
-    from service.local_ray import start_local_head
+    from service.local_ray import INSECURE_WARNING, start_local_head
     from service.settings import Settings
 
+    if ray_address and insecure_no_ray_auth:
+        _fail("--insecure-no-ray-auth is for the local Ray only; with --ray-address, set "
+              "RAY_AUTH_MODE as the cluster runs")
     if not ray_address:
         jobs_address = f"http://127.0.0.1:{dashboard_port}"
+        inherited = os.environ.get("RAY_AUTH_MODE", "")
+        if insecure_no_ray_auth:
+            typer.echo(INSECURE_WARNING, err=True)
+        elif inherited and inherited.lower() != "token":
+            typer.echo(f"note: RAY_AUTH_MODE={inherited} is ignored: the local Ray runs with "
+                       "token authentication (--insecure-no-ray-auth turns it off)", err=True)
     try:
         settings = Settings.load({"workspace": workspace, "data_roots": data_root,
                                   "tokens_file": tokens_file, "jobs_address": jobs_address})
-        head = None if ray_address else start_local_head(dashboard_port)
+        head = None if ray_address else start_local_head(dashboard_port,
+                                                         token_auth=not insecure_no_ray_auth)
     except MedcurateError as exc:
         _fail(str(exc))
+    if head and head.token_auth:
+        typer.echo(f"local Ray on {head.address} with token authentication; its clients "
+                   f"(medcurate submit / jobs, ray job) need RAY_AUTH_MODE=token "
+                   f"RAY_AUTH_TOKEN_PATH={head.token_path}", err=True)
     try:
         ray.init(address=ray_address or head.address, logging_level=logging.WARNING)
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own

@@ -30,6 +30,8 @@ CLUSTER = DEPLOY / "cluster.yaml"
 SERVE_CONFIG = DEPLOY / "serve_config.yaml"
 RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
+RAYSERVICE_POLICY = DEPLOY / "kuberay" / "rayservice-networkpolicy.yaml"
+RAYJOB_POLICY = DEPLOY / "kuberay" / "rayjob-networkpolicy.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 
@@ -63,7 +65,8 @@ def auth_modes(text: str) -> list[str]:
 # ------------------------------------------------------------------------------ every YAML
 
 def test_expected_manifests_exist():
-    for path in (CLUSTER, SERVE_CONFIG, RAYSERVICE, RAYJOB, DOCKERFILE, DOCKERIGNORE):
+    for path in (CLUSTER, SERVE_CONFIG, RAYSERVICE, RAYJOB, RAYSERVICE_POLICY, RAYJOB_POLICY,
+                 DOCKERFILE, DOCKERIGNORE):
         assert path.is_file(), f"{path.relative_to(REPO)} is missing"
 
 
@@ -215,6 +218,7 @@ def test_serve_application_imports_and_has_the_configured_deployments(name, tmp_
 
     tokens = tmp_path / "tokens"
     tokens.write_text("# one token a line\n" + "0123456789abcdef" * 2 + "\n")
+    tokens.chmod(0o600)  # the service refuses a tokens file others may read
     monkeypatch.setenv("MEDCURATE_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("MEDCURATE_DATA_ROOTS", str(tmp_path))
     monkeypatch.setenv("MEDCURATE_TOKENS_FILE", str(tokens))
@@ -286,19 +290,81 @@ def test_rayservice_resource(rayservice):
     check_cluster_spec(rayservice["spec"]["rayClusterConfig"])
 
 
-def test_rayservice_tokens_file_is_a_mounted_secret_on_every_pod(rayservice):
-    """Serve may place the replica on any pod: each must have the tokens file."""
-    env = serve_env(serve_configs()["rayservice.yaml serveConfigV2"])
-    tokens_file = env["MEDCURATE_TOKENS_FILE"]
-    spec = rayservice["spec"]["rayClusterConfig"]
-    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-        pod = group["template"]["spec"]
-        secret_volumes = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
-        for container in pod["containers"]:
-            mounts = [m for m in container.get("volumeMounts", [])
-                      if m["name"] in secret_volumes
-                      and tokens_file.startswith(m["mountPath"].rstrip("/") + "/")]
-            assert mounts, f"{container['name']}: {tokens_file} is not on a mounted Secret"
+API_TOKENS_SECRET = "medcurate-api"
+
+
+def pod_templates(manifest: dict) -> dict[str, dict]:
+    """Every pod template of a RayService / RayJob: its groups (and the RayJob's submitter)."""
+    spec = manifest["spec"]
+    cluster = spec.get("rayClusterConfig") or spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]}
+    pods.update({group["groupName"]: group["template"] for group in cluster["workerGroupSpecs"]})
+    if "submitterPodTemplate" in spec:
+        pods["submitter"] = spec["submitterPodTemplate"]
+    return pods
+
+
+def ray_groups(manifest: dict) -> dict[str, dict]:
+    spec = manifest["spec"]
+    cluster = spec.get("rayClusterConfig") or spec["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"],
+            **{group["groupName"]: group for group in cluster["workerGroupSpecs"]}}
+
+
+def secret_volumes(pod: dict) -> dict[str, str]:
+    """Volume name → Secret name, for the pod's Secret volumes (projected ones included)."""
+    found = {}
+    for volume in pod["spec"].get("volumes", []):
+        if "secret" in volume:
+            found[volume["name"]] = volume["secret"]["secretName"]
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                found[volume["name"]] = source["secret"]["name"]
+    return found
+
+
+def test_rayservice_api_tokens_reach_only_the_pods_that_run_the_replica(rayservice):
+    """The replica, and the task that imports the app (it reads the tokens too), run on the
+    nodes the deployments' label_selector names (Serve pins the build task to a selector all
+    deployments share): the API tokens Secret is in those pods only, in a file only its owner
+    may read (the service refuses any other)."""
+    from ray._private.label_utils import validate_node_label_syntax
+    from ray.serve._private.application_state import _get_shared_build_app_label_selector
+    from ray.serve.schema import ServeApplicationSchema
+
+    config = serve_configs()["rayservice.yaml serveConfigV2"]
+    (app,) = config["applications"]
+    selector = _get_shared_build_app_label_selector(ServeApplicationSchema(**app))
+    assert selector, "the deployments share no label_selector: the build task goes anywhere"
+    assert all(d["ray_actor_options"]["label_selector"] == selector for d in app["deployments"])
+    groups = ray_groups(rayservice)
+    for name, group in groups.items():
+        assert "labels" not in group["rayStartParams"], f"{name}: KubeRay wants top-level labels"
+        validate_node_label_syntax(group.get("labels", {}))
+    hosts = {name for name, group in groups.items()
+             if selector.items() <= group.get("labels", {}).items()}
+    assert hosts == {"head"}, f"the replica's label_selector matches {sorted(hosts)}"
+    tokens_file = serve_env(config)["MEDCURATE_TOKENS_FILE"]
+    for name, pod in pod_templates(rayservice).items():
+        secrets = secret_volumes(pod)
+        holds = [volume for volume, secret in secrets.items() if secret == API_TOKENS_SECRET]
+        assert bool(holds) == (name in hosts), f"{name}: API tokens Secret volumes {holds}"
+        if name not in hosts:
+            continue
+        (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "ray-head"]
+        mounts = [m for m in container.get("volumeMounts", [])
+                  if tokens_file.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"{name}: {tokens_file} is not on a mounted volume"
+        (mount,) = mounts
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+        if volume["name"] in holds:  # the Secret itself: root-owned, its mode at best 0440
+            pytest.fail(f"{name}: the service refuses a group-readable tokens file")
+        assert volume.get("emptyDir", {}).get("medium") == "Memory", volume
+        (copier,) = [c for c in pod["spec"].get("initContainers", [])
+                     if any(m["name"] == mount["name"] for m in c.get("volumeMounts", []))]
+        assert copier["command"][:3] == ["install", "-m", "0600"] \
+            and copier["command"][-1] == tokens_file, copier["command"]
+        assert any(m["name"] in holds for m in copier["volumeMounts"])
 
 
 def test_rayservice_submits_jobs_to_its_own_head(rayservice):
@@ -351,6 +417,110 @@ def test_kuberay_manifests_share_the_ray_token_secret(rayservice, rayjob):
     assert service_auth == job_auth
 
 
+def dockerfile_uid() -> int:
+    match = re.search(r"useradd [^\n]*--uid (\d+)[^\n]* ray\b", DOCKERFILE.read_text())
+    assert match, "the Dockerfile makes no `ray` user with a fixed uid"
+    return int(match.group(1))
+
+
+def kuberay_pods() -> list[tuple[str, dict]]:
+    return [(f"{path.name} {name}", pod) for path in (RAYSERVICE, RAYJOB)
+            for name, pod in pod_templates(load(path)).items()]
+
+
+@pytest.mark.parametrize("name,pod", kuberay_pods(), ids=[name for name, _ in kuberay_pods()])
+def test_kuberay_pods_run_unprivileged_on_a_read_only_root(name, pod):
+    spec = pod["spec"]
+    context = spec.get("securityContext", {})
+    assert context.get("runAsNonRoot") is True and context.get("runAsUser") == dockerfile_uid(), \
+        f"{name}: not the image's non-root user: {context}"
+    assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    assert not [v for v in volumes.values() if "hostPath" in v], f"{name}: hostPath volume"
+    for container in spec["containers"] + spec.get("initContainers", []):
+        where = f"{name} {container['name']}"
+        own = container.get("securityContext", {})
+        assert own.get("allowPrivilegeEscalation") is False, f"{where}: privilege escalation"
+        assert own.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+        assert own.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities"
+        assert not own.get("privileged") and own.get("runAsUser", 1) != 0, where
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        if container in spec["containers"]:  # Ray, Python and the caches write under /tmp
+            assert "emptyDir" in volumes[mounts.get("/tmp", "")], f"{where}: /tmp not writable"
+        for variable in container.get("env", []):
+            if variable["name"] in ("XDG_CACHE_HOME", "MPLCONFIGDIR", "HF_HOME", "TORCH_HOME"):
+                assert variable["value"].startswith("/tmp/"), (where, variable)
+        if container["name"].startswith("ray-") and container["name"] != "ray-job-submitter":
+            names = {v["name"] for v in container.get("env", [])}
+            assert {"XDG_CACHE_HOME", "MPLCONFIGDIR"} <= names, f"{where}: caches on the root"
+
+
+def test_kuberay_autoscaler_sidecar_is_unprivileged(rayservice):
+    options = rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    context = options["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in options["volumeMounts"]
+
+
+def _selected(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is checked here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+@pytest.mark.parametrize("manifest,policy,open_ports", [
+    (RAYSERVICE, RAYSERVICE_POLICY, {8000}), (RAYJOB, RAYJOB_POLICY, set())],
+    ids=["rayservice", "rayjob"])
+def test_network_policy_admits_only_the_serve_port_from_outside_the_ray_pods(
+        manifest, policy, open_ports):
+    """Ray pods: selected, ingress only. Allowed in: anything from the cluster's own Ray pods;
+    from anywhere, only the Serve port; from named non-Ray pods (the operator, the RayJob's
+    submitter), only the Jobs API (8265, which wants the Ray token too)."""
+    manifest, policy = load(manifest), load(policy)
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    pods = pod_templates(manifest)
+    ray_pods = {name: pod["metadata"]["labels"] for name, pod in pods.items()
+                if name != "submitter"}
+    for name, labels in ray_pods.items():
+        assert _selected(spec["podSelector"], labels), f"the policy does not select {name}"
+    if "submitter" in pods:
+        assert not _selected(spec["podSelector"], pods["submitter"]["metadata"]["labels"])
+    from_ray_pods = False
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        assert all(p.get("protocol", "TCP") == "TCP" for p in rule.get("ports", []))
+        peers = rule.get("from")
+        if not peers:  # from anywhere
+            assert ports and ports <= open_ports, f"open to everyone: {ports or 'every port'}"
+            continue
+        for peer in peers:
+            assert "ipBlock" not in peer, f"an address range is admitted: {peer}"
+            labels_of_ray_pod = [labels for labels in ray_pods.values()
+                                 if "namespaceSelector" not in peer
+                                 and _selected(peer["podSelector"], labels)]
+            if labels_of_ray_pod and not ports:
+                assert all(_selected(peer["podSelector"], labels)
+                           for labels in ray_pods.values())
+                from_ray_pods = True
+            else:
+                assert "podSelector" in peer and peer["podSelector"].get("matchLabels"), \
+                    f"a peer without pod labels: {peer}"
+                assert ports == {8265}, f"{peer} may reach {ports or 'every port'}"
+    assert from_ray_pods, "the Ray pods cannot reach each other"
+    if open_ports:
+        head = pods["head"]["spec"]["containers"][0]
+        assert open_ports <= {p["containerPort"] for p in head["ports"]}
+        assert open_ports == {load(SERVE_CONFIG)["http_options"]["port"]}
+    if "submitter" in pods:
+        submitter = pods["submitter"]["metadata"]["labels"]
+        assert any(rule.get("from") and any(
+            "namespaceSelector" not in peer and _selected(peer["podSelector"], submitter)
+            for peer in rule["from"]) for rule in spec["ingress"]), "the submitter is shut out"
+
+
 # ------------------------------------------------------------------- one image, one workspace
 
 def manifest_images() -> dict[str, str]:
@@ -360,11 +530,10 @@ def manifest_images() -> dict[str, str]:
     for name, spec in cluster["available_node_types"].items():
         if "worker_image" in spec.get("docker", {}):
             images[f"cluster.yaml {name}"] = spec["docker"]["worker_image"]
-    for path, key in ((RAYSERVICE, "rayClusterConfig"), (RAYJOB, "rayClusterSpec")):
-        spec = load(path)["spec"][key]
-        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-            for container in containers(group):
-                images[f"{path.name} {container['name']}"] = container["image"]
+    for path in (RAYSERVICE, RAYJOB):
+        for pod_name, pod in pod_templates(load(path)).items():
+            for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+                images[f"{path.name} {pod_name} {container['name']}"] = container["image"]
     return images
 
 
