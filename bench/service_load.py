@@ -57,6 +57,7 @@ def run(args, root: Path) -> dict:
           f"{time.perf_counter() - started:.1f} s", flush=True)
     token = secrets.token_hex(16)
     (root / "tokens").write_text(token + "\n")
+    (root / "tokens").chmod(0o600)  # the service refuses a tokens file others can read
     (root / "data").mkdir()
     with ServiceProcess(Path(workspace.root), [root / "data"], root / "tokens",
                         root / "serve.log",

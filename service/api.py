@@ -5,24 +5,29 @@ Routes live under ``/v1``. Every route but ``GET /v1/health`` needs ``Authorizat
 ``/openapi.json`` stay open, as they describe the API and hold no data. Bodies are limited to
 ``max_body_bytes`` (413), pages to ``max_page_size`` (422). A bad request is a 4xx with a message:
 422 for invalid input, 403 for a path outside the data roots, 404 for an unknown artefact or
-job, 409 for an artefact that exists (also the later of two writers of one id), 503 when the
-Ray Jobs API is down; anything unexpected is a 500 with a generic message, its traceback in
-the replica's log only.
+job, 409 for an artefact that exists (also the later of two writers of one id), 429 (with
+Retry-After) while ``max_running_jobs`` of the service's jobs are pending or running, 503 when
+the Ray Jobs API is down; anything unexpected is a 500 with a generic message, its traceback in
+the replica's log only. Messages say what was refused, not what exists: a 404 names the
+missing artefact only, never the others nor the workspace.
 
 Heavy work runs as Ray jobs (``service.jobs``): every ``POST /v1/jobs``, every transferability
 request, and selections over more than ``sync_select_max_rows`` embeddings. A smaller
 selection runs in the request, on a worker thread (FastAPI runs these ``def`` routes in its
-thread pool), so the replica's event loop keeps serving.
+thread pool), so the replica's event loop keeps serving. ``?wait=true`` waits asynchronously
+(the job is polled from the event loop), so waiting requests hold no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -33,13 +38,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.concurrency import run_in_threadpool
 
 import medcurate
 from medcurate.commands import COMMANDS
-from medcurate.config import ScoreConfig, SelectConfig
+from medcurate.config import MAX_PAGE_SIZE, ScoreConfig, SelectConfig
 from medcurate.errors import AlreadyExists, MedcurateError, NotFound
 from medcurate.workspace import ARTEFACT_KINDS, Workspace
-from service.jobs import TERMINAL, JobsGateway, JobsUnavailable
+from service.jobs import TERMINAL, JobsGateway, JobsUnavailable, QuotaExceeded
 from service.paths import PathPolicy, PathRefused, refuse_relative
 from service.settings import Settings
 
@@ -47,7 +53,10 @@ logger = logging.getLogger("medcurate.service")
 
 DEFAULT_PAGE_SIZE = 100
 ERROR_STATUS = ((PathRefused, 403), (NotFound, 404), (AlreadyExists, 409),
-                (JobsUnavailable, 503), (MedcurateError, 422))
+                (QuotaExceeded, 429), (JobsUnavailable, 503), (MedcurateError, 422))
+RETRY_AFTER_S = 30  # what a 429 asks a client to wait before submitting again
+MAX_WAITING = 64  # ?wait=true requests a replica holds at once; more answer 202 at once
+WAIT_POLL_S = (0.5, 5.0)  # first and longest interval between polls of a waited-for job
 # Artefact kinds with generic list and detail routes; jobs are Ray's (see /v1/jobs).
 LISTED_KINDS = tuple(kind for kind in ARTEFACT_KINDS if kind != "jobs")
 REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -110,7 +119,8 @@ def checked_page(settings: Settings, page: int, page_size: int) -> Page:
 
 
 def page_query(svc: ServiceDep, page: Annotated[int, Query(ge=1)] = 1,
-               page_size: Annotated[int, Query(ge=1)] = DEFAULT_PAGE_SIZE) -> Page:
+               page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE
+               ) -> Page:
     return checked_page(svc.settings, page, page_size)
 
 
@@ -130,7 +140,8 @@ class AbsolutePaths(BaseModel):
 
 class SelectRequest(AbsolutePaths, SelectConfig):
     page: int = Field(1, ge=1, description="Page of selected ids to return.")
-    page_size: int = Field(DEFAULT_PAGE_SIZE, ge=1, description="Ids per page.")
+    page_size: int = Field(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="Ids per page "
+                           "(at most the service's max_page_size).")
 
 
 class ScoreRequest(AbsolutePaths, ScoreConfig):
@@ -147,7 +158,8 @@ class JobRequest(BaseModel):
 
 # -- routes ---------------------------------------------------------------------------------
 @public.get("/health")
-def health() -> dict:
+async def health() -> dict:
+    """On the event loop, no thread: answers while every worker thread is busy."""
     return {"status": "ok", "version": medcurate.__version__}
 
 
@@ -194,6 +206,16 @@ def selection_body(workspace: Workspace, selection_id: str, page: Page,
             "links": {"self": url, "manifest": f"{url}/manifest", "report": f"{url}/report"}}
 
 
+def submit(svc: Service, kind: str, config: BaseModel) -> str:
+    """Submit a job within the service's quota (``QuotaExceeded``: 429)."""
+    return svc.jobs.submit(kind, config, svc.settings.workspace,
+                           limit=svc.settings.max_running_jobs, retry_after_s=RETRY_AFTER_S)
+
+
+QUOTA_RESPONSE = {429: {"description": "The service's jobs are at their limit; see "
+                        "Retry-After"}}
+
+
 def accepted(job_id: str, kind: str) -> JSONResponse:
     return JSONResponse(status_code=202, headers={"Location": f"/v1/jobs/{job_id}"},
                         content={"job_id": job_id, "kind": kind, "status": "PENDING",
@@ -201,7 +223,8 @@ def accepted(job_id: str, kind: str) -> JSONResponse:
                                            "logs": f"/v1/jobs/{job_id}/logs"}})
 
 
-@v1.post("/select", status_code=201, responses={202: {"description": "Submitted as a job"}})
+@v1.post("/select", status_code=201, responses={202: {"description": "Submitted as a job"},
+                                                **QUOTA_RESPONSE})
 def select(body: SelectRequest, svc: ServiceDep, response: Response):
     """Select in the request when the run has at most ``sync_select_max_rows`` rows (201, the
     selection); else submit it as a job (202, the job)."""
@@ -212,7 +235,7 @@ def select(body: SelectRequest, svc: ServiceDep, response: Response):
         body.model_dump(exclude={"page", "page_size"}, exclude_unset=True)))
     rows = _record(svc.workspace, "embeddings", config.embedding_run)["summary"]["rows"]
     if rows > svc.settings.sync_select_max_rows:
-        return accepted(svc.jobs.submit("select", config, svc.settings.workspace), "select")
+        return accepted(submit(svc, "select", config), "select")
     summary = run_selection(config, svc.workspace)
     response.headers["Location"] = f"/v1/selections/{summary['selection_id']}"
     return selection_body(svc.workspace, summary["selection_id"], page, summary)
@@ -252,28 +275,44 @@ def get_report(selection_id: str, svc: ServiceDep) -> HTMLResponse:
         return HTMLResponse(stream.read(), headers={"Content-Security-Policy": REPORT_POLICY})
 
 
-@v1.post("/transferability", responses={202: {"description": "Submitted; not finished yet"}})
-def transferability(body: ScoreRequest, svc: ServiceDep, wait: bool = False):
+@v1.post("/transferability", responses={202: {"description": "Submitted; not finished yet"},
+                                        **QUOTA_RESPONSE})
+async def transferability(body: ScoreRequest, svc: ServiceDep, request: Request,
+                          wait: bool = False):
     """Scoring always runs as a job (it embeds the probe with every zoo model and runs torch),
     answered 202. With ``?wait=true`` the request waits up to ``wait_timeout_s`` for the job:
-    200 with the job and its result (scores and ranking) once it has finished, else 202."""
-    job_id = svc.jobs.submit("score", svc.paths.confine(body), svc.settings.workspace)
-    deadline = time.monotonic() + (svc.settings.wait_timeout_s if wait else 0)
-    while time.monotonic() < deadline:
-        if svc.jobs.status(job_id) in TERMINAL:
-            return job_detail(job_id, svc)
-        time.sleep(1.0)
-    return accepted(job_id, "score")
+    200 with the job and its result (scores and ranking) once it has finished, else 202. The
+    wait holds no thread (the job is polled between ``asyncio.sleep``s, each Ray Jobs call on a
+    worker thread); beyond ``MAX_WAITING`` waits at once in a replica, the answer is 202."""
+    config = await run_in_threadpool(svc.paths.confine, body)  # reads the zoo file
+    job_id = await run_in_threadpool(submit, svc, "score", config)
+    state = request.app.state
+    if not wait or state.waiting >= MAX_WAITING:
+        return accepted(job_id, "score")
+    state.waiting += 1  # only the event loop's thread counts
+    try:
+        deadline = time.monotonic() + svc.settings.wait_timeout_s
+        delay = WAIT_POLL_S[0]
+        while True:
+            if await run_in_threadpool(svc.jobs.status, job_id) in TERMINAL:
+                return await run_in_threadpool(job_detail, job_id, svc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return accepted(job_id, "score")
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 1.5, WAIT_POLL_S[1])
+    finally:
+        state.waiting -= 1
 
 
-@v1.post("/jobs", status_code=202)
+@v1.post("/jobs", status_code=202, responses=QUOTA_RESPONSE)
 def submit_job(body: JobRequest, svc: ServiceDep):
     """Validate ``params`` against the kind's schema (422 with the message), check its paths
-    (403), then submit ``python -m jobs.run KIND ...`` to Ray Jobs."""
+    (403), then submit ``python -m jobs.run KIND ...`` to Ray Jobs (429 at the job quota)."""
     config_cls = COMMANDS[body.kind].config
     refuse_relative(config_cls, body.params)
     config = svc.paths.confine(config_cls.model_validate(body.params))
-    return accepted(svc.jobs.submit(body.kind, config, svc.settings.workspace), body.kind)
+    return accepted(submit(svc, body.kind, config), body.kind)
 
 
 @v1.get("/jobs")
@@ -286,6 +325,8 @@ def job_detail(job_id: str, svc: ServiceDep) -> dict:
     """Status; while running the latest progress line; when done, the result (the job's last
     stdout line, JSON) and a link to the artefact it made, or the error."""
     view = svc.jobs.describe(job_id)
+    if view.get("error"):
+        view["error"] = public_message(svc.workspace, view["error"])
     artefact = _artefact_of(svc.workspace, view)
     if artefact:
         view["artefact"] = {"kind": artefact[0], "id": artefact[1],
@@ -334,9 +375,31 @@ class FiniteJSONResponse(JSONResponse):
         return json.dumps(_finite(content), allow_nan=False, separators=(",", ":")).encode()
 
 
+_NOT_FOUND_TAIL = re.compile(r" in workspace | \(known: ")
+
+
+def public_message(workspace: Workspace, message: str, not_found: bool = False) -> str:
+    """A message for any token holder: what was refused, not what exists. The workspace's
+    ``require`` lists the artefacts it knows (useful at the CLI): a 404 keeps only
+    'no <kind> named <key>'; and the workspace's location is never shown."""
+    if not_found or message.startswith("no "):
+        message = _NOT_FOUND_TAIL.split(message, maxsplit=1)[0]
+    for where in sorted({workspace.uri, workspace.root} - {""}, key=len, reverse=True):
+        message = message.replace(where, "the workspace")
+    return message
+
+
 def medcurate_error(request: Request, exc: MedcurateError) -> JSONResponse:
     status = next(code for error, code in ERROR_STATUS if isinstance(exc, error))
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QuotaExceeded)
+               else None)
+    if isinstance(exc, JobsUnavailable):  # its address and auth settings are the operator's
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        message = "the Ray Jobs API is unavailable; retry later (the service log has details)"
+    else:
+        message = public_message(service(request).workspace, str(exc),
+                                 isinstance(exc, NotFound))
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 def validation_error(request: Request, exc: RequestValidationError | ValidationError):
@@ -419,7 +482,8 @@ def create_api(settings: Settings) -> FastAPI:
                   default_response_class=FiniteJSONResponse)
     api.state.service = Service(settings, Workspace(settings.workspace),
                                 PathPolicy([*settings.data_roots, settings.workspace]),
-                                JobsGateway(settings.jobs_address))
+                                JobsGateway(settings.jobs_address, settings.job_cpus))
+    api.state.waiting = 0  # ?wait=true requests now waiting (see transferability)
     api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     api.add_middleware(Shield)  # outermost: also covers the body limit
     api.add_exception_handler(MedcurateError, medcurate_error)

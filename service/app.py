@@ -23,11 +23,13 @@ from service.api import create_api
 from service.settings import Settings
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
 @serve.ingress()
 class MedcurateAPI:
     """A tenth of a CPU: on a small node the jobs it submits need the rest (Ray deadlocks on 2
-    CPUs when actors hold them all)."""
+    CPUs when actors hold them all). 128 requests at once: ``?wait=true`` waits hold no thread
+    (at most ``service.api.MAX_WAITING`` of them), ``/v1/health`` runs on the event loop, and
+    the other routes share FastAPI's thread pool (40 threads), so health always gets in."""
 
     def __init__(self, settings: Settings):
         self.settings = settings

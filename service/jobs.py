@@ -6,10 +6,16 @@ installed; a job's state lives in Ray, so it outlives the service that submitted
 service and ``medcurate submit`` / ``medcurate jobs`` both go through :class:`JobsGateway`.
 A job's result is the last line of its output that is a JSON object (``jobs.run`` prints it
 last); its error, the last ``error: ...`` line.
+
+Every job declares the CPUs of its driver (``entrypoint_num_cpus``), so Ray starts it only on a
+node with them free and queues it (PENDING) until then, instead of starting every driver on the
+head at once. The HTTP service also caps its own jobs: ``submit(..., limit=K)`` refuses with
+:class:`QuotaExceeded` while K jobs it submitted for its workspace are pending or running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,13 +28,36 @@ from pydantic import BaseModel
 from medcurate.errors import MedcurateError, NotFound
 
 KIND_KEY, WORKSPACE_KEY = "medcurate_kind", "medcurate_workspace"  # job metadata
-PASSED_ENV = ("RAY_AUTH_MODE", "MEDCURATE_BACKEND")  # the submitter's, where set
+SUBMITTER_KEY = "medcurate_submitter"  # "service" for the HTTP service's jobs (its quota)
+DEFAULT_JOB_CPUS = 0.2  # a job driver's CPUs (entrypoint_num_cpus); see Settings.job_cpus
+PASSED_ENV = ("RAY_AUTH_MODE", "MEDCURATE_BACKEND", "MEDCURATE_MAX_IMAGE_BYTES",
+              "MEDCURATE_MAX_DECOMPRESSED_BYTES")  # the submitter's, where set
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # Ray's ids; anything else never reaches its API
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class JobsUnavailable(MedcurateError):
     """The Ray Jobs API cannot be reached or refused the call (the service answers 503)."""
+
+
+class QuotaExceeded(MedcurateError):
+    """As many jobs as allowed are pending or running (the service answers 429)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _auth_message(address: str, error: str) -> str:
+    """A Ray Jobs API with token auth refused the call: say which setting is wrong."""
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    if error.startswith("Authentication failed"):  # 403: a token was sent but is not the one
+        return (f"the Ray Jobs API at {address} refused the Ray auth token (RAY_AUTH_MODE="
+                f"{mode}): use the cluster's token (RAY_AUTH_TOKEN, or the file "
+                "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
+    return (f"the Ray Jobs API at {address} requires a Ray auth token and none was sent "
+            f"(RAY_AUTH_MODE={mode}): export RAY_AUTH_MODE=token with the cluster's token in "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token)")
 
 
 def entrypoint(kind: str, params: dict, workspace: str | None) -> str:
@@ -83,13 +112,17 @@ def _status(info) -> str:
 class JobsGateway:
     """Ray Jobs API calls for medcurate's jobs; other jobs on the cluster are not visible."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, job_cpus: float = DEFAULT_JOB_CPUS):
+        self.address, self.job_cpus = address, job_cpus
         self._client = None
         self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()  # quota check and submission as one step
 
     def _call(self, method: str, *args, **kwargs):
-        """One client call; unreachable or failing API → ``JobsUnavailable``, 404 → NotFound."""
+        """One client call; unreachable or failing API → ``JobsUnavailable``, 404 → NotFound;
+        a cluster with token auth refusing us → ``JobsUnavailable`` naming RAY_AUTH_MODE."""
+        from ray.exceptions import AuthenticationError
+
         try:
             with self._lock:  # the client checks the API when made: made on first use
                 if self._client is None:
@@ -97,6 +130,8 @@ class JobsGateway:
 
                     self._client = JobSubmissionClient(self.address)
             return getattr(self._client, method)(*args, **kwargs)
+        except AuthenticationError as exc:
+            raise JobsUnavailable(_auth_message(self.address, str(exc))) from None
         except OSError as exc:
             raise JobsUnavailable(f"the Ray Jobs API at {self.address} cannot be reached "
                                   f"({type(exc).__name__}); is the cluster up with its "
@@ -106,13 +141,35 @@ class JobsGateway:
                 raise NotFound(f"no job {args[0] if args else ''!r}") from None
             raise JobsUnavailable(f"the Ray Jobs API at {self.address} failed: {exc}") from None
 
-    def submit(self, kind: str, config: BaseModel, workspace: str | None) -> str:
-        """Submit a validated config; returns the job id."""
+    def submit(self, kind: str, config: BaseModel, workspace: str | None,
+               limit: int | None = None, retry_after_s: int = 30) -> str:
+        """Submit a validated config; returns the job id. With ``limit`` (the HTTP service) the
+        job counts against the service's quota: ``QuotaExceeded`` while ``limit`` of the
+        service's jobs for ``workspace`` are pending or running. Across replicas the check is
+        not atomic: at most one job per replica over ``limit``."""
         env = {"PYTHONUNBUFFERED": "1",
                **{name: os.environ[name] for name in PASSED_ENV if name in os.environ}}
-        return self._call("submit_job", entrypoint=entrypoint(kind, job_params(config), workspace),
-                          runtime_env={"env_vars": env},
-                          metadata={KIND_KEY: kind, WORKSPACE_KEY: workspace or ""})
+        metadata = {KIND_KEY: kind, WORKSPACE_KEY: workspace or ""}
+        if limit is not None:
+            metadata[SUBMITTER_KEY] = "service"
+        with self._submit_lock if limit is not None else contextlib.nullcontext():
+            if limit is not None:
+                active = self.active(workspace)
+                if active >= limit:
+                    raise QuotaExceeded(f"{active} jobs of this service are pending or running, "
+                                        f"its limit; retry when one has finished",
+                                        retry_after_s)
+            return self._call("submit_job",
+                              entrypoint=entrypoint(kind, job_params(config), workspace),
+                              runtime_env={"env_vars": env}, metadata=metadata,
+                              entrypoint_num_cpus=self.job_cpus or None)
+
+    def active(self, workspace: str | None) -> int:
+        """The service's jobs for ``workspace`` that are pending or running."""
+        return sum(1 for job in self.list()
+                   if job.metadata.get(SUBMITTER_KEY) == "service"
+                   and job.metadata.get(WORKSPACE_KEY) == (workspace or "")
+                   and _status(job) not in TERMINAL)
 
     def info(self, job_id: str):
         if not _JOB_ID.fullmatch(job_id):

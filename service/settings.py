@@ -3,13 +3,16 @@
 Every field has an env var ``MEDCURATE_<FIELD>``: ``MEDCURATE_WORKSPACE``,
 ``MEDCURATE_DATA_ROOTS`` (folders separated by ``os.pathsep``), ``MEDCURATE_JOBS_ADDRESS``,
 ``MEDCURATE_SYNC_SELECT_MAX_ROWS``, ...; tokens come from ``MEDCURATE_API_TOKENS`` (comma list)
-or ``MEDCURATE_TOKENS_FILE`` (one token a line, ``#`` comments). Local paths are made absolute
-and resolved where the settings are built (the driver): replicas run in another directory.
+or ``MEDCURATE_TOKENS_FILE`` (one token a line, ``#`` comments; like ssh with a private key,
+the file is refused unless only its owner may read it: ``chmod 600``). Local paths are made
+absolute and resolved where the settings are built (the driver): replicas run in another
+directory.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from medcurate.config import MAX_PAGE_SIZE
 from medcurate.errors import MedcurateError
 from medcurate.workspace import DEFAULT_WORKSPACE
 
@@ -48,11 +52,22 @@ def local_or_uri(value: str) -> str:
 
 
 def read_tokens(path: str) -> list[str]:
+    """One token a line; blank lines and lines starting with ``#`` (after leading blanks) are
+    not tokens. A file that its group or others may read or write is refused, as ssh refuses
+    such a private key: the tokens in it are as good as published."""
+    file = Path(path).expanduser()
     try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+        with file.open(encoding="utf-8") as stream:
+            mode = stat.S_IMODE(os.fstat(stream.fileno()).st_mode)
+            if mode & 0o077:
+                raise MedcurateError(
+                    f"the tokens file {path} is accessible by its group or others (mode "
+                    f"{mode:04o}); make it private with `chmod 600 {path}`") from None
+            lines = stream.read().splitlines()
     except OSError as exc:
         raise MedcurateError(f"cannot read the tokens file {path}: {exc.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    tokens = (line.strip() for line in lines)
+    return [token for token in tokens if token and not token.startswith("#")]
 
 
 class Settings(BaseModel):
@@ -71,13 +86,24 @@ class Settings(BaseModel):
     sync_select_max_rows: int = Field(200_000, ge=0, description="Largest embedding run "
                                       "POST /v1/select selects from in the request; larger "
                                       "ones become a job.")
-    max_page_size: int = Field(1000, ge=1, description="Largest page of ids a request may ask.")
+    max_page_size: int = Field(1000, ge=1, le=MAX_PAGE_SIZE, description="Largest page of ids "
+                               f"a request may ask (at most {MAX_PAGE_SIZE:,}).")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 above).")
     replicas: int = Field(1, ge=1, description="Serve replicas of the API, each a process: a "
                           "selection in the request is CPU-bound, so throughput grows with "
                           "replicas up to the cores.")
-    wait_timeout_s: float = Field(300.0, gt=0, description="How long ?wait=true holds a request "
-                                  "for its job before answering 202.")
+    wait_timeout_s: float = Field(300.0, gt=0, le=3600, description="How long ?wait=true holds "
+                                  "a request for its job before answering 202 (the wait holds "
+                                  "no thread: it polls the job asynchronously).")
+    max_running_jobs: int = Field(4, ge=1, description="Jobs of this service (its workspace) "
+                                  "that may be pending or running at once; a request for "
+                                  "another job is answered 429 with Retry-After.")
+    job_cpus: float = Field(0.2, ge=0, description="CPUs each job's driver declares to Ray "
+                            "(entrypoint_num_cpus): Ray starts a job only where they are free "
+                            "and queues it (PENDING) until then. The job's own tasks and "
+                            "actors declare theirs apart, so on a small head keep "
+                            "max_running_jobs x job_cpus + 0.1 (the replica) <= CPUs - 1, "
+                            "or the jobs' 1-CPU tasks find no CPU.")
 
     @field_validator("workspace")
     @classmethod

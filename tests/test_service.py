@@ -93,6 +93,7 @@ def live(tmp_path_factory) -> Live:
     _synthetic_runs(Workspace(str(workspace)))
     tokens = root / "tokens"
     tokens.write_text(f"# test tokens\n{TOKEN}\n")
+    tokens.chmod(0o600)  # the service refuses a tokens file others may read
     roots = [data] + ([BREAST] if BREAST.is_dir() else [])
     http = requests.Session()
     http.trust_env = False  # no proxy for 127.0.0.1
@@ -372,7 +373,8 @@ def test_fuzz_finds_no_server_error(live, tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{live.url}/openapi.json",
          "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {TOKEN}",
-         "--max-examples", "10", "--seed", "7", "--workers", "2",
+         "--max-examples", "10", "--seed", "7", "--workers", "1",  # with 2 threads, CPython
+         # 3.11.7's ast.parse (hypothesis describing a filter) fails at random: gh-106905
          "--exclude-name", "POST /v1/jobs", "--exclude-name", "POST /v1/transferability",
          "--exclude-method", "DELETE", "--generation-database", "none", "--no-color"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
@@ -408,6 +410,7 @@ def test_path_policy_resolves_inside_and_refuses_outside(tmp_path):
 def test_settings_precedence_and_checks(tmp_path, monkeypatch):
     tokens = tmp_path / "tokens"
     tokens.write_text("# comment\n" + "f" * 32 + "\n\n" + "g" * 32 + "\n")
+    tokens.chmod(0o600)
     monkeypatch.setenv("MEDCURATE_API_TOKENS", "e" * 32)
     monkeypatch.setenv("MEDCURATE_DATA_ROOTS", str(tmp_path))
     monkeypatch.setenv("MEDCURATE_MAX_PAGE_SIZE", "50")
