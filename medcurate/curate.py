@@ -33,8 +33,8 @@ def _collection(config: CurateConfig, workspace: Workspace) -> tuple[str, dict]:
     name = ingest_config.name
     if workspace.exists("collections", name) and not config.overwrite:
         earlier = workspace.provenance("collections", name)["config"]
-        if {k: earlier.get(k) for k in fields - {"overwrite"}} != \
-                ingest_config.model_dump(exclude={"overwrite"}):
+        compared = fields - {"overwrite", "confine_to"}  # confine_to is not in provenance
+        if {k: earlier.get(k) for k in compared} != ingest_config.model_dump(include=compared):
             raise MedcurateError(f"collection {name!r} exists from another source or options; "
                                  "pass --name NEW or --overwrite")
         _say(f"reusing collection {name!r} (same source and options)")

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import tarfile
+import threading
 import warnings
+import zipfile
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
@@ -26,6 +32,15 @@ from medcurate.workspace import resolve_filesystem
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# Size bombs: what one image or container may hold, checked against what its headers declare
+# before anything is read. Each limit is an env var of the processes that read images (the
+# ingest job and its Ray workers), read at every check.
+MAX_IMAGE_BYTES_ENV = "MEDCURATE_MAX_IMAGE_BYTES"  # one image file or tar member
+DEFAULT_MAX_IMAGE_BYTES = 1 << 30
+# One .npz member (a split's array), one .tar.gz shard (decompressed), one Parquet image column.
+MAX_DECOMPRESSED_ENV = "MEDCURATE_MAX_DECOMPRESSED_BYTES"
+DEFAULT_MAX_DECOMPRESSED = 2 << 30
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz")
 # Pillow refuses images above ~179 Mpx as possible decompression bombs; whole-slide images are
 # out of scope for this pipeline, so that limit stays and such files are rejected.
 _BITS_PER_MODE = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
@@ -46,20 +61,100 @@ class ImageInfo:
     extra: dict  # format-specific columns (DICOM header fields and window)
 
 
+# -- limits -------------------------------------------------------------------------------------
+def _limit(env: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(env, default)))
+    except ValueError:
+        return default
+
+
+def max_image_bytes() -> int:
+    return _limit(MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def max_decompressed_bytes() -> int:
+    return _limit(MAX_DECOMPRESSED_ENV, DEFAULT_MAX_DECOMPRESSED)
+
+
+def _image_size_ok(size: int, what: str) -> None:
+    limit = max_image_bytes()
+    if size > limit:
+        raise ImageError(f"{what} of {size:,} bytes is over the limit of {limit:,} bytes for "
+                         f"one image ({MAX_IMAGE_BYTES_ENV})")
+
+
 # -- fetching -----------------------------------------------------------------------------------
 def read_file_bytes(uri: str) -> bytes:
     fs, path = resolve_filesystem(uri)
     with fs.open_input_file(path) as handle:
+        _image_size_ok(handle.size(), "a file")
         return handle.read()
 
 
+# -- .npz: MedMNIST archives, read member by member with their declared sizes checked first ----
+def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(stream)
+    from numpy.lib import _format_impl  # version 3.0 (utf-8 field names) has no public reader
+
+    return _format_impl._read_array_header(stream, version)
+
+
+def npz_member_shape(archive: zipfile.ZipFile, name: str) -> tuple[int, ...]:
+    """The shape an ``.npz`` member (``name`` without ``.npy``) declares, after checking that
+    it can be loaded: its declared uncompressed size and the size its array header implies
+    are within ``MEDCURATE_MAX_DECOMPRESSED_BYTES`` and agree, and it holds no objects.
+    Nothing but the header is decompressed. Raises ``ImageError`` (or ``KeyError``)."""
+    info = archive.getinfo(f"{name}.npy")
+    limit = max_decompressed_bytes()
+    if info.file_size > limit:
+        raise ImageError(f"{name} declares {info.file_size:,} bytes uncompressed, over the "
+                         f"limit of {limit:,} bytes for one .npz member ({MAX_DECOMPRESSED_ENV}"
+                         "); a possible decompression bomb, not read")
+    with archive.open(info) as stream:
+        try:
+            shape, _, dtype = _npy_header(stream)
+        except (ValueError, EOFError) as exc:
+            raise ImageError(f"{name} is not a readable array: {exc}") from None
+    if dtype.hasobject:
+        raise ImageError(f"{name} holds Python objects, which are never unpickled")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limit:
+        raise ImageError(f"{name} declares an array of {nbytes:,} bytes, over the limit of "
+                         f"{limit:,} bytes for one .npz member ({MAX_DECOMPRESSED_ENV}); not "
+                         "read")
+    if nbytes > info.file_size:
+        raise ImageError(f"{name} declares an array of {nbytes:,} bytes in a member of "
+                         f"{info.file_size:,}: truncated or forged, not read")
+    return shape
+
+
+def npz_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One ``.npz`` member as an array, once ``npz_member_shape`` has accepted it (the zip
+    reader stops at the declared size, so no more than that is ever decompressed)."""
+    npz_member_shape(archive, name)
+    with archive.open(f"{name}.npy") as stream:
+        try:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+        except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ImageError(f"{name} is not a readable array: {exc}") from None
+
+
 @lru_cache(maxsize=4)
-def _npz_arrays(uri: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _npz_images(uri: str, split: str) -> np.ndarray:
     fs, path = resolve_filesystem(uri)
-    with fs.open_input_file(path) as handle, np.load(io.BytesIO(handle.read())) as archive:
-        return archive[f"{split}_images"], archive[f"{split}_labels"]
+    with fs.open_input_file(path) as handle:
+        # On an object store every read is a request: fetch the (compressed) file in one.
+        source = handle if isinstance(fs, pafs.LocalFileSystem) else io.BytesIO(handle.read())
+        with zipfile.ZipFile(source) as archive:
+            return npz_member(archive, f"{split}_images")
 
 
+# -- tar shards -----------------------------------------------------------------------------------
 @lru_cache(maxsize=8)
 def _tar_index(uri: str) -> dict[str, tuple[int, int]]:
     fs, path = resolve_filesystem(uri)
@@ -67,12 +162,68 @@ def _tar_index(uri: str) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
 
 
-def _tar_member_bytes(uri: str, member: str) -> bytes:
-    if uri.endswith((".gz", ".tgz")):  # compressed tars cannot seek: stream through it once
+class _ShardCache:
+    """The file members of the compressed tar shard read last, per process: a ``.tar.gz``
+    cannot seek, so it is streamed ONCE and its members kept, instead of streamed up to each
+    member in turn (quadratic). Bounded: a member over ``MEDCURATE_MAX_IMAGE_BYTES`` is kept as
+    its error, and a shard decompressing past ``MEDCURATE_MAX_DECOMPRESSED_BYTES`` is not read
+    further (every member asked for then gets that error, without another pass)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._shards: OrderedDict[str, tuple[dict[str, bytes | str], str | None]] = OrderedDict()
+        self.passes = 0  # how many times a shard was streamed (tests count them)
+
+    def member(self, uri: str, name: str) -> bytes:
+        with self._lock:
+            if uri not in self._shards:
+                self._shards[uri] = self._stream(uri)
+                while len(self._shards) > 1:
+                    self._shards.popitem(last=False)
+            members, error = self._shards[uri]
+        value = members.get(name)
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str):
+            raise ImageError(value)
+        if error is not None:
+            raise ImageError(error)
+        raise KeyError(f"no member {name!r} in the shard")
+
+    def _stream(self, uri: str) -> tuple[dict[str, bytes | str], str | None]:
+        self.passes += 1
         fs, path = resolve_filesystem(uri)
-        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:*") as tar:
-            return tar.extractfile(member).read()
+        members: dict[str, bytes | str] = {}
+        limit = max_decompressed_bytes()
+        try:
+            with fs.open_input_stream(path) as handle, \
+                    tarfile.open(fileobj=handle, mode="r|*") as tar:
+                for info in tar:
+                    if info.offset_data + info.size > limit:
+                        return members, (f"the shard decompresses to over {limit:,} bytes "
+                                         f"({MAX_DECOMPRESSED_ENV}); a possible decompression "
+                                         "bomb, not read further")
+                    if not info.isfile():
+                        continue
+                    try:
+                        _image_size_ok(info.size, "a tar member")
+                    except ImageError as exc:
+                        members[info.name] = str(exc)
+                        continue
+                    members[info.name] = tar.extractfile(info).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            return members, f"unreadable tar shard: {exc}"
+        return members, None
+
+
+_SHARDS = _ShardCache()
+
+
+def _tar_member_bytes(uri: str, member: str) -> bytes:
+    if uri.endswith(COMPRESSED_TAR_SUFFIXES):
+        return _SHARDS.member(uri, member)
     offset, size = _tar_index(uri)[member]
+    _image_size_ok(size, "a tar member")
     fs, path = resolve_filesystem(uri)
     with fs.open_input_file(path) as handle:
         handle.seek(offset)
@@ -81,8 +232,25 @@ def _tar_member_bytes(uri: str, member: str) -> bytes:
 
 @lru_cache(maxsize=2)
 def _parquet_column(uri: str, column: str):
+    """One column of a Parquet file of image bytes. Its leaves' uncompressed sizes (a struct's
+    bytes and path are two), summed over row groups, must be within
+    ``MEDCURATE_MAX_DECOMPRESSED_BYTES``; byte leaves are read as dictionaries, so a small
+    dictionary page that thousands of rows point to stays small (decoded, it would not)."""
     fs, path = resolve_filesystem(uri)
-    return pq.read_table(path, filesystem=fs, columns=[column]).column(column)
+    with fs.open_input_file(path) as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    leaves = [metadata.schema.column(i) for i in range(metadata.num_columns)]
+    chosen = [i for i, leaf in enumerate(leaves)
+              if leaf.path == column or leaf.path.startswith(f"{column}.")]
+    size = sum(metadata.row_group(g).column(i).total_uncompressed_size
+               for g in range(metadata.num_row_groups) for i in chosen)
+    limit = max_decompressed_bytes()
+    if size > limit:
+        raise ImageError(f"Parquet column {column!r} decompresses to {size:,} bytes, over the "
+                         f"limit of {limit:,} ({MAX_DECOMPRESSED_ENV}); not read")
+    binary = [leaves[i].path for i in chosen if leaves[i].physical_type == "BYTE_ARRAY"]
+    return pq.read_table(path, filesystem=fs, columns=[column],
+                         read_dictionary=binary or None).column(column)
 
 
 def fetch(uri: str, member: str | None) -> bytes | np.ndarray:
@@ -91,7 +259,7 @@ def fetch(uri: str, member: str | None) -> bytes | np.ndarray:
         return read_file_bytes(uri)
     if uri.endswith(".npz"):
         split, index = member.rsplit("/", 1)
-        return _npz_arrays(uri, split)[0][int(index)]
+        return _npz_images(uri, split)[int(index)]
     if uri.endswith(TAR_SUFFIXES):
         return _tar_member_bytes(uri, member)
     if uri.endswith(".parquet"):
@@ -146,7 +314,7 @@ def probe(uri: str, member: str | None, window: tuple[float, float] | None = Non
         payload = fetch(uri, member)
     except ImageError:
         raise
-    except (OSError, KeyError, IndexError, tarfile.TarError) as exc:
+    except (OSError, KeyError, IndexError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise ImageError(f"cannot read: {exc}") from None
     if isinstance(payload, np.ndarray):
         height, width, channels = _array_shape(payload)

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.errors import InvalidDicomError
 
 from medcurate.errors import MedcurateError
@@ -35,7 +36,31 @@ def read_dataset(data: bytes) -> pydicom.Dataset:
         raise DicomError(f"unreadable DICOM: {exc}") from exc
     if "PixelData" not in ds:
         raise DicomError("DICOM has no pixel data")
+    check_pixel_count(ds)
     return ds
+
+
+def _header_int(ds: pydicom.Dataset, name: str, default: int) -> int:
+    value = getattr(ds, name, None)
+    try:
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        raise DicomError(f"DICOM {name} is not a number: {value!r}") from None
+
+
+def check_pixel_count(ds: pydicom.Dataset) -> None:
+    """Refuse pixel data whose header declares more pixels (rows x columns x frames) than
+    Pillow's ``Image.MAX_IMAGE_PIXELS``, the limit PNG and JPEG files get, before any of it is
+    decoded: compressed pixel data (JPEG 2000, RLE) decodes to whatever the header says."""
+    rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    frames = _header_int(ds, "NumberOfFrames", 1)
+    if min(rows, columns, frames) < 1:
+        raise DicomError(f"DICOM declares {rows}x{columns} pixels in {frames} frame(s): no image")
+    pixels, limit = rows * columns * frames, Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > limit:
+        raise DicomError(f"DICOM declares {pixels:,} pixels ({rows}x{columns} x {frames} "
+                         f"frames), over the limit of {int(limit):,} (Pillow's "
+                         "MAX_IMAGE_PIXELS); a possible decompression bomb, not decoded")
 
 
 def modality_values(ds: pydicom.Dataset) -> np.ndarray:

@@ -168,9 +168,10 @@ def ingest(config: IngestConfig, workspace: Workspace | None = None) -> dict:
                 inputs[0].sha256 = content.hexdigest()
             outputs = {name: _output_ref(workspace, f"{staging}/{name}")
                        for name in (MANIFEST_FILE, REJECTS_FILE)}
+            # Without confine_to: the service's roots are not for every reader of provenance.
             record = Provenance(kind="collection", key=config.name, started_at=started,
-                                config=config.model_dump(), inputs=inputs, outputs=outputs,
-                                summary=summary)
+                                config=config.model_dump(exclude={"confine_to"}), inputs=inputs,
+                                outputs=outputs, summary=summary)
             workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
         except BaseException:
             _close_quietly(writers)

@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from medcurate.confine import OUTSIDE, PathRefused, Roots, is_uri, realpath
 from medcurate.config import IngestConfig
 from medcurate.errors import MedcurateError
-from medcurate.ingest.decode import DICOM_SUFFIXES, TAR_SUFFIXES
+from medcurate.ingest.decode import (COMPRESSED_TAR_SUFFIXES, DICOM_SUFFIXES,
+                                     MAX_DECOMPRESSED_ENV, TAR_SUFFIXES, ImageError,
+                                     max_decompressed_bytes, npz_member, npz_member_shape)
 from medcurate.provenance import InputRef, sha256_bytes
-from medcurate.workspace import resolve_filesystem
+from medcurate.workspace import file_sha256, resolve_filesystem
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
                   ".ppm") + DICOM_SUFFIXES
@@ -34,6 +39,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing":
                "val": "val", "valid": "val", "validation": "val"}
 CORE_COLUMNS = ("id", "uri", "member", "relpath", "label", "split", "width", "height",
                 "channels", "bit_depth", "sha256", "duplicate_of")
+WEBDATASET_TEXT_BYTES = 1 << 20  # largest .json / .cls member read while listing
 
 
 @dataclass
@@ -63,22 +69,37 @@ def _join_uri(root: str, relpath: str) -> str:
 
 
 class _Source:
-    """The source as pyarrow.fs sees it; URIs written to the manifest keep the user's scheme."""
+    """The source as pyarrow.fs sees it; URIs written to the manifest keep the user's scheme.
 
-    def __init__(self, uri: str):
-        self.uri = uri
+    Confined (``roots`` given, see ``IngestConfig.confine_to``), a local folder is walked
+    here instead of by pyarrow: a symlink is followed only where it resolves inside the roots
+    (a folder once, so loops end), each file is read at its resolved path, and every link out
+    of the roots is one reject that names the link, never its target."""
+
+    def __init__(self, uri: str, roots: Roots | None = None):
+        self.uri, self.roots = uri, roots
         self.fs, self.path = resolve_filesystem(uri)
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
             raise MedcurateError(f"source {uri} does not exist")
         self.is_dir = info.type == pafs.FileType.Directory
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         # Local sources are written as absolute paths; remote ones keep their scheme.
-        self.base = self.path if isinstance(self.fs, pafs.LocalFileSystem) else uri.rstrip("/")
+        self.base = self.path if self.is_local else uri.rstrip("/")
+        self.rejects: list[dict] = []  # links out of the roots, found while listing
+        self._files: list[str] | None = None
+        self._real: dict[str, str] = {}  # confined local folder: relative path -> resolved
 
     def files(self) -> list[str]:
         """Relative paths of every non-hidden file below a folder source, sorted."""
         if not self.is_dir:
             return [""]
+        if self._files is None:
+            self._files = (self._walk_confined() if self.roots and self.is_local
+                           else self._listed())
+        return self._files
+
+    def _listed(self) -> list[str]:
         selector = pafs.FileSelector(self.path, recursive=True)
         prefix = self.path.rstrip("/") + "/"
         rels = []
@@ -86,16 +107,60 @@ class _Source:
             if info.type != pafs.FileType.File:
                 continue
             rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-            if not any(part.startswith(".") for part in rel.split("/")):
-                rels.append(rel)
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            if self.roots and any(part in ("", ".", "..") for part in rel.split("/")):
+                self._refuse(rel, OUTSIDE)  # an object key that would read as a path out
+                continue
+            rels.append(rel)
         return sorted(rels)
 
+    def _walk_confined(self) -> list[str]:
+        rels: list[str] = []
+        visited: set[str] = set()
+
+        def visit(folder: str, prefix: str) -> None:
+            if folder in visited:
+                return
+            visited.add(folder)
+            try:
+                entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            except OSError:
+                return
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = prefix + entry.name
+                real = realpath(entry.path) if entry.is_symlink() else entry.path
+                if not self.roots.contains(real):
+                    self._refuse(rel, OUTSIDE)
+                    continue
+                try:
+                    mode = os.stat(real).st_mode
+                except OSError:  # a dangling link inside the roots: nothing to read
+                    continue
+                if stat.S_ISDIR(mode):
+                    visit(real, rel + "/")
+                elif stat.S_ISREG(mode):
+                    rels.append(rel)
+                    self._real[rel] = real
+
+        visit(realpath(self.path), "")
+        return sorted(rels)
+
+    def _refuse(self, rel: str, reason: str) -> None:
+        self.rejects.append({"uri": _join_uri(self.base, rel), "member": None,
+                             "reason": reason})
+
     def uri_of(self, rel: str) -> str:
-        return _join_uri(self.base, rel)
+        return self._real.get(rel) or _join_uri(self.base, rel)
+
+    def path_of(self, rel: str) -> str:
+        """Where the filesystem reads ``rel`` (the resolved path, where confined)."""
+        return self._real.get(rel) or _join_uri(self.path, rel)
 
     def read_bytes(self, rel: str = "") -> bytes:
-        path = _join_uri(self.path, rel)
-        with self.fs.open_input_file(path) as handle:
+        with self.fs.open_input_file(self.path_of(rel)) as handle:
             return handle.read()
 
 
@@ -231,14 +296,37 @@ def list_folder(config: IngestConfig, source: _Source, fmt: str) -> Listing:
 
 
 # -- CSV/Parquet manifest of paths ---------------------------------------------------------------
+def _manifest_entry(roots: Roots, candidate: str) -> tuple[str | None, str | None]:
+    """``(resolved uri, None)`` for a path a manifest lists, if it lies inside the roots and is
+    a file (or does not exist: the probe says so); else ``(None, reason)``. The reason never
+    names the path or what lies there."""
+    try:
+        resolved = roots.resolve(candidate)
+    except PathRefused as exc:
+        return None, str(exc)
+    if not is_uri(resolved):
+        try:
+            mode = os.stat(resolved).st_mode
+        except OSError:
+            return resolved, None
+        if not stat.S_ISREG(mode):
+            return None, "not a regular file"
+    return resolved, None
+
+
 def list_path_table(config: IngestConfig, source: _Source, table: pa.Table, ref: InputRef,
                     fmt: str) -> Listing:
+    """Confined (``source.roots``), every listed path (absolute, relative, ``..``, a URI) must
+    resolve inside the roots, and the resolved path is what the manifest keeps; a path that
+    does not is a reject of its row (``TABLE#rowN``) saying why, without the path."""
     where = source.uri
     _require_column(table, config.path_column, "--path-column", where)
     label_column = config.label_column or "label"
     if not config.unlabeled:
         _require_column(table, label_column, "--label-column", where)
     base_dir = posixpath.dirname(source.base)
+    if source.roots and not source.is_local:
+        base_dir = posixpath.dirname(source.base.partition("?")[0])  # the roots add queries
     paths = _as_strings(table.column(config.path_column))
     labels = (_as_strings(table.column(label_column)) if label_column in table.column_names
               else [None] * len(paths))
@@ -254,7 +342,17 @@ def list_path_table(config: IngestConfig, source: _Source, table: pa.Table, ref:
             listing.rejects.append({"uri": f"{where}#row{index}", "member": None,
                                     "reason": f"empty {config.path_column!r} cell"})
             continue
-        uri = path if path.startswith("/") or "://" in path else _join_uri(base_dir, path)
+        if source.roots:
+            candidate = (path if path.startswith("/") or "://" in path or path.startswith("file:")
+                         else f"{base_dir.rstrip('/')}/{path}")
+            uri, refused = _manifest_entry(source.roots, candidate)
+            if refused:
+                listing.rejects.append({"uri": f"{where}#row{index}", "member": None,
+                                        "reason": f"{config.path_column!r} cell refused: "
+                                                  f"{refused}"})
+                continue
+        else:
+            uri = path if path.startswith("/") or "://" in path else _join_uri(base_dir, path)
         problem = _label_problem(labels[index], config, f"empty {label_column!r} cell")
         if problem:
             listing.rejects.append({"uri": uri, "member": None, "reason": problem})
@@ -268,58 +366,101 @@ def list_path_table(config: IngestConfig, source: _Source, table: pa.Table, ref:
 
 
 # -- MedMNIST npz --------------------------------------------------------------------------------
+def _npz_error(uri: str, exc: Exception) -> MedcurateError:
+    return MedcurateError(f"{uri} is not a readable .npz: {exc}")
+
+
 def list_npz(config: IngestConfig, source: _Source) -> Listing:
     # A folder (--format npz on the wrong source), an empty or garbled file and a plain .npy
     # each used to end in a traceback (OSError, EOFError, BadZipFile, AttributeError).
+    # Only the members' headers are read (their counts); each is checked against
+    # MEDCURATE_MAX_DECOMPRESSED_BYTES before anything is decompressed (a zip bomb is refused).
     if source.is_dir:
         raise MedcurateError(f"{source.uri} is a folder; the npz reader needs one .npz file")
-    data = source.read_bytes()
+    digest, _ = file_sha256(source.fs, source.path)
     listing = Listing(format="npz", items=pa.table({}),
-                      inputs=[InputRef(role="source", uri=source.uri, sha256=sha256_bytes(data))])
-    try:
-        archive = np.load(io.BytesIO(data))
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise MedcurateError(f"{source.uri} is not a readable .npz: {exc}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise MedcurateError(f"{source.uri} is a single array, not an .npz archive of "
-                             "'<split>_images' arrays")
-    splits = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
-    if not splits:
-        raise MedcurateError(f"{source.uri} holds no '<split>_images' array (MedMNIST layout)")
+                      inputs=[InputRef(role="source", uri=source.uri, sha256=digest)])
     rows = _empty_rows()
     name = posixpath.basename(source.path)
-    for split in splits:
-        count = archive[f"{split}_images"].shape[0]
-        if f"{split}_labels" in archive.files:
-            labels = archive[f"{split}_labels"].reshape(count, -1)
-            if labels.shape[1] != 1:
-                raise MedcurateError(f"{source.uri}: {split}_labels has {labels.shape[1]} labels "
-                                     "per image; multi-label archives are not supported")
-            labels = [str(int(v)) for v in labels[:, 0]]
-        elif config.unlabeled:
-            labels = [None] * count
-        else:
-            raise MedcurateError(f"{source.uri} has no {split}_labels (pass --unlabeled)")
-        for index in range(count):
-            member = f"{split}/{index}"
-            for key, value in zip(("uri", "member", "relpath", "label", "split"),
-                                  (source.base, member, f"{name}/{member}", labels[index],
-                                   split_name(split) or split)):
-                rows[key].append(value)
+    with source.fs.open_input_file(source.path) as handle:
+        if handle.read(6) == b"\x93NUMPY":
+            raise MedcurateError(f"{source.uri} is a single array, not an .npz archive of "
+                                 "'<split>_images' arrays")
+        handle.seek(0)
+        try:
+            archive = zipfile.ZipFile(handle)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise _npz_error(source.uri, exc) from None
+        with archive:
+            members = [m[:-len(".npy")] for m in archive.namelist() if m.endswith(".npy")]
+            splits = sorted(k[: -len("_images")] for k in members if k.endswith("_images"))
+            if not splits:
+                raise MedcurateError(f"{source.uri} holds no '<split>_images' array (MedMNIST "
+                                     "layout)")
+            for split in splits:
+                try:
+                    shape = npz_member_shape(archive, f"{split}_images")
+                    count = shape[0] if shape else 0
+                    labels = None
+                    if f"{split}_labels" in members:
+                        labels = npz_member(archive, f"{split}_labels").reshape(count, -1)
+                except ImageError as exc:
+                    raise MedcurateError(f"{source.uri}: {exc}") from None
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                    raise _npz_error(source.uri, exc) from None
+                if labels is not None:
+                    if labels.shape[1] != 1:
+                        raise MedcurateError(f"{source.uri}: {split}_labels has "
+                                             f"{labels.shape[1]} labels per image; multi-label "
+                                             "archives are not supported")
+                    labels = [str(int(v)) for v in labels[:, 0]]
+                elif config.unlabeled:
+                    labels = [None] * count
+                else:
+                    raise MedcurateError(f"{source.uri} has no {split}_labels (pass "
+                                         "--unlabeled)")
+                for index in range(count):
+                    member = f"{split}/{index}"
+                    for key, value in zip(("uri", "member", "relpath", "label", "split"),
+                                          (source.base, member, f"{name}/{member}",
+                                           labels[index], split_name(split) or split)):
+                        rows[key].append(value)
     listing.items = _items_table(rows)
     return listing
 
 
 # -- WebDataset tar shards -----------------------------------------------------------------------
-def _webdataset_samples(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
-    samples: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
+def _webdataset_samples(tar: tarfile.TarFile, limit: int | None
+                        ) -> tuple[dict[str, dict[str, tuple[str, bytes | None]]], str | None]:
+    """Every sample of a shard: ``{key: {ext: (member name, bytes of .json/.cls or None)}}``,
+    in ONE pass over the tar (a ``.tar.gz`` is a stream: it cannot seek back), reading only
+    the small text members. ``limit``: where a compressed shard stops being read (its
+    decompressed size), with the reason as the second value."""
+    samples: dict[str, dict[str, tuple[str, bytes | None]]] = defaultdict(dict)
     for member in tar:
+        if limit is not None and member.offset_data + member.size > limit:
+            return samples, (f"the shard decompresses to over {limit:,} bytes "
+                             f"({MAX_DECOMPRESSED_ENV}); a possible decompression bomb, not "
+                             "read further")
         if not member.isfile():
             continue
         directory, base = posixpath.split(member.name)
         key, _, ext = base.partition(".")
-        samples[posixpath.join(directory, key)][ext.lower()] = member
-    return samples
+        ext = ext.lower()
+        data = None
+        if ext in ("json", "cls") and member.size <= WEBDATASET_TEXT_BYTES:
+            data = tar.extractfile(member).read()
+        samples[posixpath.join(directory, key)][ext] = (member.name, data)
+    return samples, None
+
+
+def _sample_meta(parts: dict[str, tuple[str, bytes | None]]) -> dict:
+    data = parts.get("json", (None, None))[1]
+    try:
+        meta = json.loads(data) if data is not None else {}
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {}  # e.g. a JSON list: no named fields
 
 
 def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
@@ -331,40 +472,44 @@ def list_webdataset(config: IngestConfig, source: _Source) -> Listing:
         uri = source.uri_of(rel)
         shard_name = posixpath.basename(rel or source.path)
         split = split_of_file(shard_name) or _folder_label_split(rel)[1]
+        compressed = (rel or source.path).lower().endswith(COMPRESSED_TAR_SUFFIXES)
         try:
-            with tarfile.open(fileobj=io.BytesIO(source.read_bytes(rel)), mode="r:*") as tar:
-                for key, parts in sorted(_webdataset_samples(tar).items()):
-                    image_ext = next((e for e in parts if "." + e.split(".")[-1] in IMAGE_SUFFIXES),
-                                     None)
-                    if image_ext is None:
-                        listing.rejects.append({"uri": uri, "member": key,
-                                                "reason": "sample has no image member"})
-                        continue
-                    meta = {}
-                    if "json" in parts:
-                        try:
-                            meta = json.loads(tar.extractfile(parts["json"]).read())
-                        except ValueError:
-                            meta = {}
-                        if not isinstance(meta, dict):  # e.g. a JSON list: no named fields
-                            meta = {}
-                    label = meta.pop(label_key, None)
-                    if "cls" in parts:
-                        label = tar.extractfile(parts["cls"]).read().decode().strip()
-                    label = None if label in (None, "") else str(label)
-                    member = parts[image_ext].name
-                    problem = _label_problem(label, config, f"no .cls and no '{label_key}' in .json")
-                    if problem:
-                        listing.rejects.append({"uri": uri, "member": member, "reason": problem})
-                        continue
-                    for k, v in zip(("uri", "member", "relpath", "label", "split"),
-                                    (uri, member, f"{rel}#{member}", label, split)):
-                        rows[k].append(v)
-                    meta_rows.append({k: v for k, v in meta.items()
-                                      if isinstance(v, (str, int, float, bool))})
-        except (tarfile.TarError, OSError) as exc:
+            # A compressed shard is streamed (one pass, bounded); a plain one is read by
+            # seeking from header to header, its images never read here.
+            opener = source.fs.open_input_stream if compressed else source.fs.open_input_file
+            with opener(source.path_of(rel)) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*" if compressed else "r:*") as tar:
+                samples, cut = _webdataset_samples(
+                    tar, max_decompressed_bytes() if compressed else None)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             listing.rejects.append({"uri": uri, "member": None,
                                     "reason": f"unreadable tar shard: {exc}"})
+            continue
+        if cut:
+            listing.rejects.append({"uri": uri, "member": None, "reason": cut})
+        for key, parts in sorted(samples.items()):
+            image_ext = next((e for e in parts if "." + e.split(".")[-1] in IMAGE_SUFFIXES),
+                             None)
+            if image_ext is None:
+                listing.rejects.append({"uri": uri, "member": key,
+                                        "reason": "sample has no image member"})
+                continue
+            meta = _sample_meta(parts)
+            label = meta.pop(label_key, None)
+            if "cls" in parts:
+                text = parts["cls"][1]
+                label = text.decode(errors="replace").strip() if text is not None else None
+            label = None if label in (None, "") else str(label)
+            member = parts[image_ext][0]
+            problem = _label_problem(label, config, f"no .cls and no '{label_key}' in .json")
+            if problem:
+                listing.rejects.append({"uri": uri, "member": member, "reason": problem})
+                continue
+            for k, v in zip(("uri", "member", "relpath", "label", "split"),
+                            (uri, member, f"{rel}#{member}", label, split)):
+                rows[k].append(v)
+            meta_rows.append({k: v for k, v in meta.items()
+                              if isinstance(v, (str, int, float, bool))})
     metadata = _metadata_columns(_rows_table(meta_rows), set()) if any(meta_rows) else None
     listing.items = _items_table(rows, metadata)
     return listing
@@ -405,7 +550,7 @@ def list_parquet(config: IngestConfig, source: _Source) -> Listing:
     files = [rel for rel in source.files() if rel.endswith(".parquet") or rel == ""]
     if not files:  # --format parquet on a folder without any (was an IndexError)
         raise MedcurateError(f"source {source.uri} holds no .parquet files")
-    first = pq.read_schema(_join_uri(source.path, files[0]), filesystem=source.fs)
+    first = pq.read_schema(source.path_of(files[0]), filesystem=source.fs)
     image_column = _image_column(first, config.image_column)
     if image_column is None:
         if config.image_column:
@@ -420,7 +565,7 @@ def list_parquet(config: IngestConfig, source: _Source) -> Listing:
     label_column = config.label_column or "label"
     for rel in files:
         uri = source.uri_of(rel)
-        path = _join_uri(source.path, rel)
+        path = source.path_of(rel)
         schema = pq.read_schema(path, filesystem=source.fs)
         columns = [c for c in schema.names if c != image_column]
         table = pq.read_table(path, filesystem=source.fs, columns=columns)
@@ -468,9 +613,26 @@ def detect_format(source: _Source) -> str:
     return "folder"
 
 
+def _confined(roots: Roots, field: str, value: str) -> str:
+    try:
+        return roots.resolve(value)
+    except PathRefused as exc:
+        raise PathRefused(f"{field}: refused: {exc}") from None
+
+
 def list_source(config: IngestConfig) -> Listing:
-    """List the images of ``config.source`` with the reader its format names."""
-    source = _Source(config.source)
+    """List the images of ``config.source`` with the reader its format names.
+
+    With ``config.confine_to`` (set by the service; ``--confine-to`` on the CLI) the source,
+    the metadata table and every file the archive lists or links to must resolve inside those
+    roots: the source and table are refused (``PathRefused``), anything else is a reject."""
+    roots = Roots(config.confine_to) if config.confine_to else None
+    if roots:
+        update = {"source": _confined(roots, "source", config.source)}
+        if config.metadata:
+            update["metadata"] = _confined(roots, "metadata", config.metadata)
+        config = config.model_copy(update=update)
+    source = _Source(config.source, roots)
     fmt = detect_format(source) if config.format == "auto" else config.format
     if fmt in ("folder", "dicom"):
         listing = list_folder(config, source, fmt)
@@ -485,6 +647,7 @@ def list_source(config: IngestConfig) -> Listing:
         listing = list_parquet(config, source)
     else:  # pragma: no cover - the config's Literal type rules this out
         raise MedcurateError(f"unknown format {fmt!r}")
+    listing.rejects[:0] = source.rejects
     if listing.items.num_rows == 0 and not listing.rejects:
         raise MedcurateError(f"source {config.source} holds no image files ({fmt} reader)")
     if not any(ref.role == "source" for ref in listing.inputs):

@@ -78,9 +78,12 @@ def file_sha256(path: str) -> str:
 
 
 def _existing_file(path: str) -> str:
+    """The file's resolved path (symlinks followed): the one read and recorded, as the
+    service's path check resolved it (``file:///x`` names ``/x``)."""
+    path = path.removeprefix("file://")
     if not Path(path).is_file():
         raise MedcurateError(f"weights file not found: {path}")
-    return os.path.abspath(path)
+    return os.path.realpath(path)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
