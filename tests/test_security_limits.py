@@ -21,13 +21,12 @@ import threading
 import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
+from live_service import Live
 from pydantic import BaseModel
 
 from medcurate.commands import COMMANDS
@@ -48,19 +47,8 @@ WAITS = 40
 QUEUED_S = 90  # RAY_JOB_START_TIMEOUT_SECONDS of the service's Ray
 
 
-@dataclass
-class Guarded:
-    url: str
-    jobs_address: str
-    workspace: Path
-    data: Path
-    http: requests.Session
-
-    def call(self, method: str, path: str, token: str | None = TOKEN, **kwargs):
-        headers = {**kwargs.pop("headers", {}),
-                   **({"Authorization": f"Bearer {token}"} if token else {})}
-        return self.http.request(method, f"{self.url}{path}", headers=headers,
-                                 timeout=kwargs.pop("timeout", 120), **kwargs)
+class Guarded(Live):
+    """The service of this module, with the job and health views its attacks need."""
 
     def jobs(self) -> list[dict]:
         response = self.call("GET", "/v1/jobs?page_size=1000")
@@ -99,7 +87,7 @@ def guarded(tmp_path_factory) -> Guarded:
            "MEDCURATE_SYNC_SELECT_MAX_ROWS": str(SYNC_MAX_ROWS),
            "MEDCURATE_WAIT_TIMEOUT_S": "600", "RAY_JOB_START_TIMEOUT_SECONDS": str(QUEUED_S)}
     with ServiceProcess(workspace, [data], tokens, root / "serve.log", env=env) as process:
-        yield Guarded(process.url, process.jobs_address, workspace, data, http)
+        yield Guarded(process.url, process.jobs_address, workspace, data, http, TOKEN)
 
 
 # -- every size-like parameter is bounded, in one schema for CLI, HTTP and jobs ---------------

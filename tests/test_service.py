@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from conftest import SHARED_DATA
+from live_service import Live
 
 from medcurate.config import (
     CurateConfig,
@@ -43,36 +43,6 @@ SYN_RUN = "syn--synthetic"  # 1,200 points, 3 classes, 32-d: selections in well 
 BIG_RUN = "big--synthetic"  # 30,000 points: over the limit below, so selections are jobs
 SYNC_MAX_ROWS = 10_000
 BREAST = SHARED_DATA / "breastmnist"
-
-
-@dataclass
-class Live:
-    url: str
-    jobs_address: str
-    workspace: Path
-    data: Path
-    http: requests.Session
-
-    def call(self, method: str, path: str, token: str | None = TOKEN, **kwargs):
-        headers = {**kwargs.pop("headers", {}),
-                   **({"Authorization": f"Bearer {token}"} if token else {})}
-        return self.http.request(method, f"{self.url}{path}", headers=headers,
-                                 timeout=kwargs.pop("timeout", 120), **kwargs)
-
-    def job(self, kind: str, params: dict) -> str:
-        response = self.call("POST", "/v1/jobs", json={"kind": kind, "params": params})
-        assert response.status_code == 202, response.text
-        return response.json()["job_id"]
-
-    def wait_job(self, job_id: str, timeout_s: float = 300, until=("SUCCEEDED", "FAILED",
-                                                                     "STOPPED")) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            view = self.call("GET", f"/v1/jobs/{job_id}").json()
-            if view["status"] in until:
-                return view
-            time.sleep(1)
-        raise AssertionError(f"job {job_id} still {view['status']} after {timeout_s} s")
 
 
 def _synthetic_runs(workspace: Workspace) -> None:
@@ -99,7 +69,7 @@ def live(tmp_path_factory) -> Live:
     http.trust_env = False  # no proxy for 127.0.0.1
     with ServiceProcess(workspace, roots, tokens, root / "serve.log",
                         env={"MEDCURATE_SYNC_SELECT_MAX_ROWS": str(SYNC_MAX_ROWS)}) as process:
-        yield Live(process.url, process.jobs_address, workspace, data, http)
+        yield Live(process.url, process.jobs_address, workspace, data, http, TOKEN)
 
 
 # -- auth and bad input ---------------------------------------------------------------------
