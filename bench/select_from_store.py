@@ -112,7 +112,7 @@ class TreeSampler:
         self.peak_rss = self.peak_pss = 0
         self.peak_rss_at = self.peak_pss_at = 0.0
         self.peak_breakdown: list = []
-        self.timeline: list[tuple[float, int, int | None]] = []
+        self.timeline: list[tuple[float, int, int]] = []  # (time, tree RSS, root RSS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -126,7 +126,7 @@ class TreeSampler:
         last_pss = 0.0
         while not self._stop.is_set():
             now, procs = time.time(), self._tree()
-            rss, parts = 0, []
+            rss, root, parts = 0, 0, []
             want_pss = now - last_pss >= self.pss_every
             pss = 0 if want_pss else None
             for proc in procs:
@@ -134,6 +134,7 @@ class TreeSampler:
                     value = proc.memory_info().rss
                     rss += value
                     parts.append((value, proc.pid, proc.name()))
+                    root = root or value  # the first of the tree is the command itself
                     if want_pss:
                         pss += proc.memory_full_info().pss
                 except psutil.Error:
@@ -146,7 +147,7 @@ class TreeSampler:
                 self.peak_rss, self.peak_rss_at = rss, now
                 self.peak_breakdown = sorted(parts, reverse=True)
             if procs:
-                self.timeline.append((now, rss, pss))
+                self.timeline.append((now, rss, root))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeSampler:
@@ -156,6 +157,15 @@ class TreeSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def thinned(self, start: float, points: int = 200) -> list[tuple[float, float, float]]:
+        """At most ``points`` (seconds since ``start``, tree RSS GiB, the command's own RSS
+        GiB), each the peak of its stretch of samples, for plotting."""
+        step = max(1, -(-len(self.timeline) // points))
+        return [(round(self.timeline[i][0] - start, 1),
+                 gib(max(rss for _, rss, _ in self.timeline[i:i + step])),
+                 gib(max(own for _, _, own in self.timeline[i:i + step])))
+                for i in range(0, len(self.timeline), step)]
 
     def peak_between(self, start: float, end: float) -> float | None:
         values = [rss for t, rss, _ in self.timeline if start <= t <= end]
@@ -188,6 +198,7 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
                                for value, pid, name in sampler.peak_breakdown[:8]],
             "loadavg_start": [round(x, 2) for x in load],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "_sampler": sampler,
+            "rss_timeline": sampler.thinned(start),
             "log": str(log)}
 
 
@@ -236,20 +247,23 @@ def selection_figures(uri: str, strategy: str, rows: int, measured: dict,
         figures["stages_s"] = {
             stage: round(sum(c.get("seconds", {}).get(stage, 0.0) for c in classes.values()), 1)
             for stage in ("reduce", "cluster")}
-    # stage windows on the wall clock (provenance stamps have whole seconds)
+    # Stage windows on the wall clock, approximate: the provenance stamps have whole seconds
+    # (the true start lies in [started, started + 1)), and reading the manifest and labels
+    # between load and select is timed by neither, so the select window gets 4 s of slack and
+    # the publish window starts after it.
     sampler: TreeSampler = measured["_sampler"]
     started, finished = _seconds(record["started_at"]), _seconds(record["finished_at"])
     load_end = started + (timing.get("load_s") or 0)
-    select_end = load_end + (timing.get("select_s") or 0)
-    figures["windows_s"] = {"startup": round(started - measured["start"], 1),
-                            "publish": round(finished + 1 - select_end, 1),
-                            "exit": round(measured["end"] - finished, 1)}
+    select_end = load_end + (timing.get("select_s") or 0) + 4
     figures["peak_rss_gib_by_stage"] = {
-        "startup": sampler.peak_between(measured["start"], started),
-        "load": sampler.peak_between(started, load_end + 1),
-        "select": sampler.peak_between(load_end, select_end + 1),
+        "startup": sampler.peak_between(measured["start"], started + 1),
+        "load": sampler.peak_between(started, load_end + 1.5),
+        "select": sampler.peak_between(load_end, select_end),
         "publish": sampler.peak_between(select_end, finished + 1),
         "exit": sampler.peak_between(finished + 1, measured["end"])}
+    figures["windows_s"] = {"startup": round(started - measured["start"], 1),
+                            "publish": round(max(0.0, finished + 1 - select_end), 1),
+                            "exit": round(measured["end"] - finished, 1)}
     table = workspace.read_table(f"{workspace.require('selections', key)}/selection.parquet",
                                  columns=["id", "label"])
     groups = np.load(groups_file)

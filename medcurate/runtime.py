@@ -38,6 +38,14 @@ def gpu_count() -> int:
         return 0
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the cluster's largest live node (0 before Ray is up)."""
+    if not ray.is_initialized():
+        return 0
+    return int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]),
+                   default=0))
+
+
 def stage_resources(stage: str, batch_size: int | None = None) -> StageResources:
     """Resources of one stage given the cluster at hand (CPU-only or with GPUs)."""
     gpus = gpu_count()
@@ -56,9 +64,12 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
         # free for the tasks that feed it: no deadlock on a 2-core machine. Where decode and
         # embed declare the same CPUs, Ray Data fuses decode into the actor (no pixel tensors
         # through the object store); with GPUs they differ and decode stays in CPU tasks.
-        threads = min(8, cpus)
+        # An actor lives on one node: size it by the largest node, not the cluster's total
+        # (on a head of 1 CPU plus a worker of 2, an actor of 2 CPUs left decode no CPU).
+        node = largest_node_cpus() or cpus
+        threads = min(8, node)
         actors = max(1, cpus // threads)
-        return StageResources(num_cpus=max(0.5, min(threads, (cpus - 1) / actors)),
+        return StageResources(num_cpus=max(0.5, min(threads, node - 1)),
                               batch_size=batch_size or 32, concurrency=actors, threads=threads)
     raise ValueError(f"unknown stage {stage!r}")
 

@@ -141,9 +141,9 @@ class _Node:
 class TwoNodeCluster:
     """A head and one worker node on this machine, each ``ray start --block`` in its own session.
 
-    ``head_cpus`` / ``worker_cpus``: logical CPUs of each node. The default (1 + 2) leaves the
-    worker node the larger share, so Ray Data's default SPREAD strategy puts work on both nodes
-    while a job's driver sits on the head (as does ``python`` of a job's entry point: this
+    ``head_cpus`` / ``worker_cpus``: logical CPUs of each node. The default (2 + 2) leaves the
+    head a whole CPU for tasks beside a job's driver, which declares a fraction of one, so Ray
+    Data's default SPREAD strategy puts work on both nodes while the driver sits on the head (as does ``python`` of a job's entry point: this
     interpreter, first on the nodes' PATH; the driver's working directory is the head's temp
     dir). ``env``: extra variables for every process of both nodes (Ray workers, job drivers):
     e.g. AWS credentials and ``AWS_ENDPOINT_URL``.
@@ -153,7 +153,7 @@ class TwoNodeCluster:
     ``node_ids`` (both, hex), ``auth_mode``, ``start_seconds``.
     """
 
-    def __init__(self, head_cpus: int = 1, worker_cpus: int = 2, env: dict | None = None,
+    def __init__(self, head_cpus: int = 2, worker_cpus: int = 2, env: dict | None = None,
                  object_store_mb: int = 128, start_timeout_s: float = 120,
                  stop_timeout_s: float = 30):
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
@@ -392,7 +392,7 @@ def two_node_cluster_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def two_node_cluster(two_node_cluster_env):
-    """The session's two-node cluster (:class:`TwoNodeCluster`, head 1 CPU + worker 2 CPUs).
+    """The session's two-node cluster (:class:`TwoNodeCluster`, head 2 CPUs + worker 2 CPUs).
 
     ``RAY_AUTH_MODE`` (and in token mode the generated ``RAY_AUTH_TOKEN_PATH``) is set in this
     process's environment while it is up, so in-process clients (``JobSubmissionClient``,

@@ -38,9 +38,11 @@ def bucket(s3_server, monkeypatch) -> str:
     return name
 
 
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)
 def test_the_main_job_runs_on_an_object_store(s3_server, bucket):
     """`medcurate curate --workspace s3://…` on the demo: the archive is uploaded to the store
-    (nodes share no disk), ingested from its s3:// location, embedded, selected, published."""
+    (nodes share no disk), ingested from its s3:// location, embedded, selected, published.
+    (On SeaweedFS the same job runs submitted to two nodes: tests/test_ray_cluster.py.)"""
     uri = f"s3://{bucket}/medcurate"
     result = _cli(s3_server, "curate", "--budget-per-class", "5", "--workspace", uri)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,6 +70,7 @@ def test_the_main_job_runs_on_an_object_store(s3_server, bucket):
                                       summary["selection"]["selection_id"])
 
 
+@pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)
 def test_an_npz_source_on_the_store_is_ingested_into_the_store(s3_server, bucket, shared_data):
     fs = pafs.FileSystem.from_uri(f"s3://{bucket}")[0]
     with fs.open_output_stream(f"{bucket}/sources/breastmnist.npz") as out:

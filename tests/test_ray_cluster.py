@@ -103,7 +103,7 @@ def test_two_nodes_with_their_resources(two_node_cluster):
     assert cluster.address.startswith("127.0.0.1:")
     assert cluster.dashboard_url.startswith("http://127.0.0.1:")
     resources = {node["node_id"]: node["resources_total"] for node in cluster.nodes()}
-    assert resources[head]["CPU"] == 1 and resources[head][HEAD_RESOURCE] == 1
+    assert resources[head]["CPU"] == 2 and resources[head][HEAD_RESOURCE] == 1
     assert resources[worker]["CPU"] == 2 and resources[worker][WORKER_RESOURCE] == 1
     assert os.environ["RAY_AUTH_MODE"] == cluster.auth_env["RAY_AUTH_MODE"]
     assert TwoNodeCluster(env={"AWS_ENDPOINT_URL": "http://x"}).node_env()[
