@@ -24,7 +24,8 @@ whole seconds, so the per-stage peaks are approximate).
 Goals (the issue): the whole command within 600 s and 8 GiB peak on a 2-core, 24 GiB machine.
 
     .venv/bin/python bench/select_from_store.py --rows 100000            # quick check
-    .venv/bin/python bench/select_from_store.py --json docs/results/select_from_store.json
+    .venv/bin/python bench/select_from_store.py --rows 100000 1000000 \
+        --strategy confounder-aware kcenter --json docs/results/select_from_store.json
     .venv/bin/python bench/select_from_store.py --stores local --strategy confounder-aware kcenter
 """
 
@@ -72,7 +73,8 @@ def write_only(args) -> None:
     from medcurate.workspace import Workspace, resolve_filesystem
 
     clock = time.perf_counter()
-    X, labels, groups = planted_embeddings(args.rows, args.dim, args.classes, args.seed)
+    rows = args.rows[0]
+    X, labels, groups = planted_embeddings(rows, args.dim, args.classes, args.seed)
     generate_s = time.perf_counter() - clock
     names = [f"class-{c}" for c in labels.tolist()]
     if args.groups_out:  # for the rare sub-group check of the selections, 1 byte a row
@@ -94,7 +96,7 @@ def write_only(args) -> None:
     run_files = [i for i in files if "/embeddings/" in i.path]
     print(json.dumps({
         "run_id": run_id, "generate_s": round(generate_s, 1), "write_s": round(write_s, 1),
-        "write_rows_per_s": round(args.rows / write_s), "matrix_bytes": matrix_bytes,
+        "write_rows_per_s": round(rows / write_s), "matrix_bytes": matrix_bytes,
         "store_bytes": sum(i.size for i in files), "run_bytes": sum(i.size for i in run_files),
         "run_files": len(run_files), "loadavg_start": [round(x, 2) for x in load],
         "loadavg_end": [round(x, 2) for x in load_end]}))
@@ -105,7 +107,8 @@ def write_only(args) -> None:
 
 class TreeSampler:
     """Sum of RSS (every ``interval`` s) and PSS (every ``pss_every`` s) over a process and all
-    its descendants; keeps a timeline (wall time, RSS, PSS) and the breakdown at the peak."""
+    its descendants; keeps a timeline (wall time, tree RSS, the process's own RSS) and the
+    per-process breakdown at the peak."""
 
     def __init__(self, pid: int, interval: float = 0.2, pss_every: float = 1.0):
         self.root, self.interval, self.pss_every = psutil.Process(pid), interval, pss_every
@@ -134,7 +137,8 @@ class TreeSampler:
                     value = proc.memory_info().rss
                     rss += value
                     parts.append((value, proc.pid, proc.name()))
-                    root = root or value  # the first of the tree is the command itself
+                    if proc.pid == self.root.pid:
+                        root = value
                     if want_pss:
                         pss += proc.memory_full_info().pss
                 except psutil.Error:
@@ -211,6 +215,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _remove_workspace(uri: str) -> None:
+    from medcurate.workspace import resolve_filesystem
+
+    with contextlib.suppress(OSError):
+        filesystem, root = resolve_filesystem(uri)
+        filesystem.delete_dir(root)
+
+
 def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
@@ -275,20 +287,20 @@ def selection_figures(uri: str, strategy: str, rows: int, measured: dict,
     return figures
 
 
-def run_store(store: str, uri: str, env: dict, args, scratch: Path) -> dict:
-    print(f"\n== {store}: {args.rows:,} × {args.dim} into {uri}", flush=True)
-    groups_file = scratch / f"{store}-groups.npy"
+def run_store(store: str, rows: int, uri: str, env: dict, args, scratch: Path) -> dict:
+    print(f"\n== {store}: {rows:,} × {args.dim} into {uri}", flush=True)
+    groups_file = scratch / f"{store}-{rows}-groups.npy"
     write_cmd = [sys.executable, str(Path(__file__).resolve()), "--write-only", uri,
-                 "--groups-out", str(groups_file), "--rows", str(args.rows),
+                 "--groups-out", str(groups_file), "--rows", str(rows),
                  "--dim", str(args.dim), "--classes", str(args.classes),
                  "--seed", str(args.seed), "--shard-size", str(args.shard_size)]
-    log = scratch / f"{store}-write.log"
+    log = scratch / f"{store}-{rows}-write.log"
     measured = run_measured(write_cmd, env, log, args.timeout)
     if measured["rc"] != 0:
         raise RuntimeError(f"writing the run into {uri} failed ({measured['rc']}):\n"
                            + log.read_text(errors="replace")[-3000:])
     written = json.loads(log.read_text().strip().splitlines()[-1])
-    result = {"store": store, "uri": uri, "rows": args.rows, "dim": args.dim,
+    result = {"store": store, "uri": uri, "rows": rows, "dim": args.dim,
               "shard_size": args.shard_size, "write": {
                   **written, "process_wall_s": measured["wall_s"],
                   "process_peak_rss_gib": measured["peak_rss_gib"]}, "selects": []}
@@ -298,7 +310,7 @@ def run_store(store: str, uri: str, env: dict, args, scratch: Path) -> dict:
           f"s; load avg {written['loadavg_start'][0]} → {written['loadavg_end'][0]}", flush=True)
     for strategy in args.strategy:
         cmd = select_command(written["run_id"], strategy, uri, args)
-        log = scratch / f"{store}-select-{strategy}.log"
+        log = scratch / f"{store}-{rows}-select-{strategy}.log"
         print(f"  $ {' '.join(cmd)}", flush=True)
         measured = run_measured(cmd, env, log, args.timeout)
         entry = {"strategy": strategy, **{k: v for k, v in measured.items()
@@ -306,7 +318,7 @@ def run_store(store: str, uri: str, env: dict, args, scratch: Path) -> dict:
                                            ("cmd", "start", "end")},
                  "command": " ".join(cmd)}
         if measured["rc"] == 0:
-            entry.update(selection_figures(uri, strategy, args.rows, measured, groups_file))
+            entry.update(selection_figures(uri, strategy, rows, measured, groups_file))
         else:
             entry["log_tail"] = log.read_text(errors="replace")[-3000:]
             print(entry["log_tail"], flush=True)
@@ -352,7 +364,8 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000],
+                        help="one or more sizes, each into fresh workspaces")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--budget", type=int, default=100)
@@ -390,35 +403,38 @@ def main() -> None:
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "runs": []}
     server = None
     try:
-        for store in args.stores:
-            if store == "local":
-                uri = str(scratch / "workspace")
-                store_env = env
-            else:
-                sys.path.insert(0, str(REPO / "tests"))
-                from s3_servers import SeaweedS3Server
+        if "s3" in args.stores:
+            sys.path.insert(0, str(REPO / "tests"))
+            from s3_servers import SeaweedS3Server
 
-                server = SeaweedS3Server()
-                server.start()
-                bucket = server.make_bucket("medcurate-bench")
-                uri = f"s3://{bucket}/workspace"
-                store_env = {**env, **server.env()}
-                os.environ.update(server.env())  # this process reads provenance back
-                report["s3_server"] = {"kind": server.kind, "endpoint": server.endpoint,
-                                       "startup_s": round(server.startup_seconds, 1),
-                                       "data_dir": str(server.tmpdir)}
-            run = run_store(store, uri, store_env, args, scratch)
-            if server is not None and store == "s3":
-                run["write"]["server_disk_bytes"] = sum(
-                    f.stat().st_size for f in Path(server.tmpdir).rglob("*") if f.is_file())
-            report["runs"].append(run)
+            server = SeaweedS3Server()
+            server.start()
+            bucket = server.make_bucket("medcurate-bench")
+            os.environ.update(server.env())  # this process reads provenance back
+            report["s3_server"] = {"kind": server.kind, "endpoint": server.endpoint,
+                                   "startup_s": round(server.startup_seconds, 1),
+                                   "data_dir": str(server.tmpdir)}
+        for rows in args.rows:
+            for store in args.stores:
+                if store == "local":
+                    uri, store_env = str(scratch / f"workspace-{rows}"), env
+                else:
+                    uri, store_env = f"s3://{bucket}/workspace-{rows}", {**env, **server.env()}
+                run = run_store(store, rows, uri, store_env, args, scratch)
+                if store == "s3":
+                    run["write"]["server_disk_bytes"] = sum(
+                        f.stat().st_size for f in Path(server.tmpdir).rglob("*") if f.is_file())
+                report["runs"].append(run)
+                if not args.keep:  # room for the next size
+                    _remove_workspace(uri)
     finally:
         if server is not None:
             server.stop(remove_tmpdir=not args.keep)
             if args.keep:
                 print(f"kept SeaweedFS data in {server.tmpdir}", file=sys.stderr)
         if not args.keep:
-            shutil.rmtree(scratch / "workspace", ignore_errors=True)
+            for folder in scratch.glob("workspace-*"):
+                shutil.rmtree(folder, ignore_errors=True)
         report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         report["logs"] = str(scratch)
         table = markdown(report)
