@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,9 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
             except subprocess.TimeoutExpired:
                 _kill_tree(proc)
                 code = "timeout"
+            except BaseException:  # interrupted: take the command (and its Ray) down too
+                _kill_tree(proc)
+                raise
     wall = time.time() - start
     return {"cmd": cmd, "rc": code, "wall_s": round(wall, 1), "start": start,
             "end": start + wall, "peak_rss_gib": gib(sampler.peak_rss),
@@ -392,6 +396,8 @@ def main() -> None:
         write_only(args)
         return
 
+    # SIGTERM ends the run through the finally below: server stopped, figures so far written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scratch = Path(tempfile.mkdtemp(prefix="select-from-store-", dir=args.root))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
@@ -401,7 +407,7 @@ def main() -> None:
               "args": {k: v for k, v in vars(args).items()
                        if k not in ("write_only", "groups_out", "json")},
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "runs": []}
-    server = None
+    server, complete = None, False
     try:
         if "s3" in args.stores:
             sys.path.insert(0, str(REPO / "tests"))
@@ -427,6 +433,7 @@ def main() -> None:
                 report["runs"].append(run)
                 if not args.keep:  # room for the next size
                     _remove_workspace(uri)
+        complete = True
     finally:
         if server is not None:
             server.stop(remove_tmpdir=not args.keep)
@@ -440,8 +447,9 @@ def main() -> None:
         table = markdown(report)
         print("\n" + table)
         if args.json:
-            report["markdown"] = table
-            with open(args.json, "w") as handle:
+            report.update(markdown=table, complete=complete)
+            # a cut-short run does not replace a complete one's figures
+            with open(args.json if complete else f"{args.json}.partial", "w") as handle:
                 json.dump(report, handle, indent=2)
                 handle.write("\n")
     failed = [s for r in report["runs"] for s in r["selects"]
