@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from medcurate import backends
-from medcurate.cluster import find_groups, renumber
+from medcurate.cluster import (EPS_SCALES, MIN_CLUSTER_SHARES, STABLE_ARI, find_groups,
+                               most_stable, renumber)
 from medcurate.errors import MedcurateError
 from medcurate.reduce import reduce_to_2d
 
@@ -123,6 +124,55 @@ def test_dbscan_auto_rule_is_recorded():
     params = info["params"]
     assert params["min_samples"] == max(4, round(np.log(500)))
     assert params["eps"] == pytest.approx(params["eps_scale"] * params["knee"])
+    assert params["eps_scale"] in EPS_SCALES
+    assert set(params["stability"]) == {str(scale) for scale in EPS_SCALES}
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+@pytest.mark.parametrize("method, chosen, candidates", [
+    pytest.param("dbscan", "eps_scale", EPS_SCALES, id="dbscan"),
+    pytest.param("hdbscan", "min_cluster_share", MIN_CLUSTER_SHARES, id="hdbscan")])
+def test_stability_choice_is_recorded_stable_and_recovers_planted_groups(case, method, chosen,
+                                                                         candidates):
+    Y, truth = PLANTED[case]
+    groups, info = find_groups(Y, method, seed=0)
+    params = info["params"]
+    stability = params["stability"]
+    assert set(stability) == {str(c) for c in candidates}
+    assert all(0.0 <= float(v) <= 1.0 + 1e-9 for v in stability.values())
+    assert params[chosen] in candidates
+    assert stability[str(params[chosen])] >= STABLE_ARI, params
+    # the finest stable candidate wins: every finer one is unstable
+    finer = candidates[:candidates.index(params[chosen])]
+    assert all(stability[str(c)] < STABLE_ARI for c in finer), params
+    assert adjusted_rand_score(truth, groups) >= 0.95, (info["sizes"], params)
+    again, info_again = find_groups(Y, method, seed=0)  # deterministic for a seed
+    np.testing.assert_array_equal(groups, again)
+    assert info_again["params"]["stability"] == stability
+
+
+def test_most_stable_picks_the_finest_stable_candidate_else_the_most_stable():
+    Y = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    row_of = {p.tobytes(): i for i, p in enumerate(Y)}
+    truth = np.arange(200) % 3  # labels owned by the points: the same in every subsample
+    calls = iter(range(10_000))
+
+    def cluster(P, candidate):
+        rows = [row_of[p.tobytes()] for p in P]
+        if candidate == "stable-3":
+            return truth[rows]
+        if candidate == "stable-1":
+            return np.zeros(len(P), dtype=int)
+        # a fresh random split on every call: unstable
+        return np.random.default_rng(next(calls)).integers(0, 3, len(P))
+
+    best, stability = most_stable(Y, ("random", "stable-3", "stable-1"), cluster, seed=0)
+    assert best == "stable-3"  # the finest (first) of the stable ones, not the one blob
+    assert stability["stable-3"] == stability["stable-1"] == 1.0
+    assert stability["random"] < STABLE_ARI
+    best, stability = most_stable(Y, ("random", "random-too"), cluster, seed=0)
+    assert max(stability.values()) < STABLE_ARI
+    assert best == max(("random", "random-too"), key=lambda c: (stability[c], c == "random"))
 
 
 def test_given_params_override_and_are_validated():

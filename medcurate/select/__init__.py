@@ -19,11 +19,12 @@ from medcurate.select.base import (Gather, SelectionResult, class_rows, derive_s
                                    run_info, small_class_note, split_budget, validate_inputs)
 from medcurate.select.baselines import (cluster_random, facility_location, herding, kcenter,
                                         random_uniform, stratified, typicality)
-from medcurate.select.confounder import confounder_aware
+from medcurate.select.confounder import confounder_aware, confounder_aware_paper
 from medcurate.select.optidel import optidel
 
 STRATEGIES: dict[str, Callable[..., SelectionResult]] = {
     "confounder-aware": confounder_aware,
+    "confounder-aware-paper": confounder_aware_paper,
     "random": random_uniform,
     "stratified": stratified,
     "kcenter": kcenter,

@@ -124,26 +124,100 @@ def split_budget(sizes, budget: int, *, minimum: int = 1):
     not, the largest groups win, one unit per group per round); the rest is proportional to
     size, rounded by largest remainder (ties: the larger group, then the earlier one). No
     group gets more than its size, and the total is ``min(budget, sum(sizes))``.
-    ``minimum=0`` is the plain proportional split.
+    ``minimum=0`` is the plain proportional split. Used for metadata strata, where a user
+    asks for a minimum per cell, and as the paper's allocation over groups (``allocate``).
     """
+    keys, counts = _sizes(sizes)
+    budget = _check_split_budget(budget)
+    target = min(budget, int(counts.sum()))
+    floors = np.minimum(counts, int(minimum))
+    alloc = _round_robin(counts, floors, target) if floors.sum() >= target else \
+        _split(counts, target, floors)
+    return _shaped(keys, alloc)
+
+
+ALLOCATIONS = ("share", "paper")
+
+
+def allocate(sizes, budget: int, *, rule: str = "share", noise_group: int | None = None):
+    """Split a class's ``budget`` over its found groups of ``sizes`` (same shape back).
+
+    ``share`` (the default): proportional to size, and a group is guaranteed one pick only
+    where it earns a meaningful share, size ≥ class size / (2 × budget) (its proportional
+    quota is at least half a pick), never the noise group; when even those groups outnumber
+    the budget the split is purely proportional. So the main mode keeps its share at small
+    budgets (``[600, 6, 5, 5, 5, 40]`` over 5 gives ``[5, 0, 0, 0, 0, 0]``) and a group of
+    10% gets its own pick from a budget of 5 on.
+    ``paper``: Ji et al.'s rule, every group (noise included) one pick while the budget
+    allows, largest first (``split_budget``): kept by name so the study can show both.
+    """
+    if rule not in ALLOCATIONS:
+        raise MedcurateError(f"unknown allocation {rule!r}; known: {', '.join(ALLOCATIONS)}")
+    if rule == "paper":
+        return split_budget(sizes, budget)
+    keys, counts = _sizes(sizes)
+    budget = _check_split_budget(budget)
+    target = min(budget, int(counts.sum()))
+    floors = (counts * 2 * max(target, 1) >= counts.sum()).astype(np.int64)
+    if noise_group is not None and len(counts) > noise_group:
+        floors[noise_group] = 0
+    floors = np.minimum(floors, counts)
+    if floors.sum() > target:
+        floors[:] = 0
+    return _shaped(keys, _split(counts, target, floors))
+
+
+def allocate_by_shares(shares, capacity, budget: int) -> list[int]:
+    """Split ``budget`` in proportion to target ``shares`` (non-negative weights), no part
+    above its ``capacity`` (what a class holds of each group): a capped part's surplus goes
+    to the others in proportion to their shares, and to any part with room once every part
+    with a share is full. Largest remainder rounding. Used by ``balance_groups``, where the
+    shares are archive-wide and the capacities one class's."""
+    shares = np.asarray(shares, dtype=np.float64)
+    capacity = np.asarray(capacity, dtype=np.int64)
+    target = min(int(budget), int(capacity.sum()))
+    alloc = np.zeros(len(capacity), dtype=np.int64)
+    while alloc.sum() < target:
+        room = capacity - alloc
+        weights = np.where(room > 0, shares, 0.0)
+        if weights.sum() <= 0:
+            weights = (room > 0).astype(np.float64)
+        left = target - int(alloc.sum())
+        quota = np.minimum(weights * left / weights.sum(), room)
+        whole = np.floor(quota).astype(np.int64)
+        if whole.sum() == 0:  # less than one pick each: the largest remainders take one
+            order = sorted(np.flatnonzero(room > 0), key=lambda i: (-quota[i], i))
+            for i in order[:left]:
+                whole[i] = 1
+        alloc += whole
+    return alloc.tolist()
+
+
+def _sizes(sizes) -> tuple[list | None, np.ndarray]:
     keys = list(sizes) if isinstance(sizes, Mapping) else None
     counts = np.asarray(list(sizes.values()) if keys is not None else list(sizes))
     if counts.ndim != 1 or (len(counts) and not np.issubdtype(counts.dtype, np.integer)) \
             or (counts < 0).any():
         raise MedcurateError(f"group sizes must be non-negative integers; got {sizes!r}")
+    return keys, counts.astype(np.int64)
+
+
+def _check_split_budget(budget) -> int:
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
         raise MedcurateError(f"budget must be a non-negative integer; got {budget!r}")
-    alloc = _split(counts.astype(np.int64), int(budget), int(minimum)).tolist()
+    return int(budget)
+
+
+def _shaped(keys: list | None, alloc: np.ndarray):
+    alloc = [int(a) for a in alloc]
     return dict(zip(keys, alloc)) if keys is not None else alloc
 
 
-def _split(sizes: np.ndarray, budget: int, minimum: int) -> np.ndarray:
-    target = min(budget, int(sizes.sum()))
+def _split(sizes: np.ndarray, target: int, floors: np.ndarray) -> np.ndarray:
+    """``target`` (≤ the sizes' total) over ``sizes``: each at least its floor (the floors
+    fit in the target), the rest proportional to size by largest remainder."""
     if target == sizes.sum():
         return sizes.copy()
-    floors = np.minimum(sizes, minimum)
-    if floors.sum() >= target:
-        return _round_robin(sizes, floors, target)
     # Groups whose proportional share falls below their floor get the floor; the others
     # share what is left in proportion to size (repeat until no share falls below a floor).
     # Integer arithmetic: quota_i = sizes_i * left / free_total exactly.
@@ -155,8 +229,8 @@ def _split(sizes: np.ndarray, budget: int, minimum: int) -> np.ndarray:
         if not below.any():
             break
         fixed |= below
-    alloc = np.where(fixed, floors, sizes * left // free_total)
-    remainder = np.where(fixed, -1, sizes * left % free_total)
+    alloc = np.where(fixed, floors, sizes * left // max(free_total, 1))
+    remainder = np.where(fixed, -1, sizes * left % max(free_total, 1))
     extra = target - int(alloc.sum())
     order = sorted(range(len(sizes)), key=lambda i: (-remainder[i], -sizes[i], i))
     alloc[order[:extra]] += 1
@@ -174,6 +248,27 @@ def _round_robin(sizes: np.ndarray, floors: np.ndarray, target: int) -> np.ndarr
                 alloc[i] += 1
                 left -= 1
     return alloc
+
+
+def herd(P: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Herding (mean matching, as in iCaRL): ``k`` rows of ``P``, each the unpicked row that
+    brings the mean of the picks closest to ``P``'s mean. The first pick is the row nearest
+    the mean (the most typical); later picks spread out only as far as matching the mean
+    needs. Returns the picks and, per pick, the distance of the picks' mean from ``P``'s."""
+    mean = P.mean(axis=0, dtype=np.float64)
+    total = np.zeros_like(mean)
+    taken = np.zeros(len(P), dtype=bool)
+    picks, gaps = [], []
+    for t in range(1, k + 1):
+        # argmin_x |mean - (total + x) / t|  ==  the row nearest t·mean − total
+        sq = backends.sq_dists((t * mean - total)[None, :], P)[0]
+        sq[taken] = np.inf
+        new = int(np.argmin(sq))
+        taken[new] = True
+        total += P[new]
+        picks.append(new)
+        gaps.append(float(np.linalg.norm(mean - total / t)))
+    return np.asarray(picks, dtype=np.int64), gaps
 
 
 class Gather:

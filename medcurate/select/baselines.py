@@ -14,8 +14,8 @@ import numpy as np
 
 from medcurate import backends
 from medcurate.reduce import TransformMap
-from medcurate.select.base import (ClassPick, SelectionResult, class_rows, derive_seed,
-                                   per_class, run_info, split_budget, validate_inputs)
+from medcurate.select.base import (ClassPick, SelectionResult, allocate, class_rows,
+                                   derive_seed, herd, per_class, run_info, validate_inputs)
 from medcurate.select.confounder import class_groups, group_label
 
 
@@ -82,23 +82,10 @@ def herding(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResu
     brings the mean of the picks closest to the class mean, so the sample's mean tracks the
     class's and a 10% sub-group gets its share. Deterministic (``seed`` unused)."""
     def pick(Xc: np.ndarray, k: int, class_seed: int) -> ClassPick:
-        mean = Xc.mean(axis=0, dtype=np.float64)
-        total = np.zeros_like(mean)
-        taken = np.zeros(len(Xc), dtype=bool)
-        picks, reasons = [], []
-        for t in range(1, k + 1):
-            # argmin_x |mean - (total + x) / t|  ==  the point nearest t·mean − total
-            target = (t * mean - total)[None, :]
-            sq = backends.sq_dists(target, Xc)[0]
-            sq[taken] = np.inf
-            new = int(np.argmin(sq))
-            taken[new] = True
-            total += Xc[new]
-            picks.append(new)
-            gap = np.linalg.norm(mean - total / t)
-            reasons.append(f"herding pick {t} of {k} (mean of picks {gap:.3g} from the class "
-                           "mean)")
-        return ClassPick(indices=np.asarray(picks), reason=reasons)
+        picks, gaps = herd(Xc, k)
+        return ClassPick(indices=picks, reason=[
+            f"herding pick {t} of {k} (mean of picks {gap:.3g} from the class mean)"
+            for t, gap in enumerate(gaps, 1)])
 
     return per_class(X, labels, budget_per_class, pick, strategy="herding", seed=seed,
                      params={})
@@ -203,7 +190,7 @@ def cluster_random(X, labels, budget_per_class: int, *, seed: int = 0, pca_dims:
             min_dist=min_dist, method=method, cluster_params=cluster_params,
             fit_sample=fit_sample, transform_map=transform_map)
         sizes, noise_group = info["cluster"]["sizes"], info["cluster"]["noise_group"]
-        info["allocation"] = split_budget(sizes, k)
+        info["allocation"] = allocate(sizes, k, noise_group=noise_group)
         rng = np.random.default_rng(class_seed)
         indices, reasons, picked_groups = [], [], []
         for group, take in enumerate(info["allocation"]):

@@ -92,10 +92,68 @@ def _counts(values: np.ndarray, selected: np.ndarray) -> dict[str, dict[str, int
             for k in sorted(archive, key=str)}
 
 
+def group_recovery(groups: np.ndarray, values: np.ndarray) -> dict:
+    """How well found groups recover one known metadata column over the same rows.
+
+    ARI (adjusted Rand index): 1 = the groups are exactly the column's values, 0 = no better
+    than chance (slightly negative = worse). NMI (normalized mutual information, 0..1): how
+    much knowing an image's group tells about its value, 1 = everything. Both are needed: a
+    rare value (a 10% site) found as its own group moves NMI more than ARI. The noise group is
+    counted as one group of its own, since the selection draws from it like any other.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    groups, values = np.asarray(groups).astype(str), np.asarray(values).astype(str)
+    return {"ari": round(float(adjusted_rand_score(values, groups)), 4),
+            "nmi": round(float(normalized_mutual_info_score(values, groups)), 4),
+            "rows": int(len(groups))}
+
+
+def recovery(labels: np.ndarray, point_groups: np.ndarray,
+             metadata: dict[str, np.ndarray]) -> dict[str, dict[str, dict]]:
+    """``group_recovery`` per class and charted metadata column: do the groups found in a
+    class's map stand for a known confounder (site, scanner, sex)? Only columns with at least
+    2 distinct values in the class (missing counts as a value); ``split`` is left out, being a
+    random assignment of ours rather than a property of the images."""
+    out: dict[str, dict[str, dict]] = {}
+    for label in sorted(set(labels.tolist()), key=str):
+        rows = labels == label
+        out[str(label)] = {column: group_recovery(point_groups[rows], values[rows])
+                           for column, values in metadata.items()
+                           if column != "split" and len(set(values[rows].tolist())) >= 2}
+    return out
+
+
+ALL_CLASSES = "(all classes)"  # the stability key where one grouping spans every class
+
+
+def grouping_stability(info: dict) -> dict[str, dict]:
+    """Per class, the clustering parameter ``find_groups`` chose by stability (``eps_scale``
+    for DBSCAN, ``min_cluster_share`` for HDBSCAN) and its stability: the mean adjusted Rand
+    index between the groups of subsamples and of all points (1 = every subsample groups the
+    same way), with every candidate's for comparison. One ``ALL_CLASSES`` entry where one
+    grouping spans every class (``balance_groups``). Classes whose parameter was fixed, or
+    chosen otherwise (k-means by silhouette), have no entry: no stability was measured."""
+    sources = {ALL_CLASSES: info["map"]} if "map" in info else info.get("classes", {})
+    out = {}
+    for label, entry in sources.items():
+        params = (entry.get("cluster") or {}).get("params") or {}
+        name = next((p for p in ("eps_scale", "min_cluster_share") if p in params), None)
+        if name is None or "stability" not in params:
+            continue
+        candidates = params["stability"]
+        out[str(label)] = {"parameter": name, "value": params[name],
+                           "stability": candidates[str(params[name])], "candidates": candidates}
+    return out
+
+
 def build_summary(config: SelectConfig, labels: np.ndarray, selected: np.ndarray,
                   point_groups: np.ndarray | None, metadata: dict[str, np.ndarray],
-                  notes: list[str]) -> dict:
-    """Archive vs selection counts per class, per (class, group) and per metadata value."""
+                  notes: list[str], strategy_info: dict | None = None) -> dict:
+    """Archive vs selection counts per class, per (class, group) and per metadata value; for
+    strategies that group a map, also how well the groups recover the metadata columns
+    (``recovery``) and how stable the grouping is (``stability``, from the strategy's
+    ``strategy_info``), so a reader can judge whether the groups are real confounders."""
     summary = {"strategy": config.strategy, "budget_per_class": config.budget_per_class,
                "seed": config.seed, "images": int(len(labels)), "selected": int(selected.sum()),
                "classes": _counts(labels, selected), "notes": notes}
@@ -103,6 +161,8 @@ def build_summary(config: SelectConfig, labels: np.ndarray, selected: np.ndarray
         summary["groups"] = {str(label): _counts(point_groups[labels == label].astype(str),
                                                  selected[labels == label])
                              for label in sorted(set(labels.tolist()), key=str)}
+        summary["recovery"] = recovery(labels, point_groups, metadata)
+        summary["stability"] = grouping_stability(strategy_info or {})
     summary["metadata"] = {column: _counts(values, selected) for column, values in metadata.items()}
     return summary
 
@@ -159,7 +219,8 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     chart_columns = report_columns(metadata, config.stratify_by)
     chart_values = {c: _values(metadata, c) for c in chart_columns}
     notes = list(result.info.get("notes", []))
-    summary = build_summary(config, labels, selected, result.point_groups, chart_values, notes)
+    summary = build_summary(config, labels, selected, result.point_groups, chart_values,
+                            notes, result.info)
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
                    collection=collection, backend=backends.backend_name(),
                    nodes=params["transform_map"].nodes.as_dict()
