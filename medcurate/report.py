@@ -122,11 +122,36 @@ def write_report(summary: dict, labels: np.ndarray, selected: np.ndarray,
         parts += [f"<h2>Groups of class {html.escape(label)}</h2>", _table(counts, "group"),
                   f'<img alt="groups {html.escape(label)}" src="data:image/png;base64,'
                   f'{bars_figure(f"groups of {label}", counts)}">']
+    parts += _grouping_quality(summary)
     for column, counts in summary.get("metadata", {}).items():
         parts += [f"<h2>{html.escape(column)}</h2>", _table(counts, column),
                   f'<img alt="{html.escape(column)}" src="data:image/png;base64,'
                   f'{bars_figure(f"{column} distribution", counts)}">']
     return html_page(title, parts)
+
+
+def _grouping_quality(summary: dict) -> list[str]:
+    """The summary's ``recovery`` and ``stability`` as two small tables: whether the groups
+    stand for known metadata, and whether they would come out the same on other samples."""
+    parts = []
+    rows = [[label, column, v["ari"], v["nmi"], v["rows"]]
+            for label, columns in summary.get("recovery", {}).items()
+            for column, v in columns.items()]
+    if rows:
+        parts += ["<h2>Do the groups match known metadata?</h2>",
+                  "<p>Per class, the found groups (noise as one group) against each metadata "
+                  "column: ARI 1 = the groups are exactly the column's values, 0 = chance; "
+                  "NMI 0..1 = how much the group tells about the value.</p>",
+                  html_table(["class", "column", "ARI", "NMI", "rows"], rows)]
+    rows = [[label, f"{v['parameter']} = {v['value']:g}", v["stability"]]
+            for label, v in summary.get("stability", {}).items()]
+    if rows:
+        parts += ["<h2>How stable is the grouping?</h2>",
+                  "<p>The clustering parameter chosen per class and its stability: the mean "
+                  "adjusted Rand index between the groups of seeded subsamples and of all "
+                  "points (1 = identical).</p>",
+                  html_table(["class", "parameter", "stability"], rows)]
+    return parts
 
 
 def html_page(title: str, parts: list[str]) -> bytes:

@@ -1,4 +1,5 @@
-"""Selection runs on real HAM10000 embeddings: outputs, summary, report, provenance, bad input."""
+"""Selection runs on real embeddings (HAM10000, and the synthetic demo archive with its planted
+site): outputs, summary, report, group recovery and stability, provenance, bad input."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from medcurate.config import EmbedConfig, IngestConfig, SelectConfig
+from medcurate.demo import make_demo_archive
 from medcurate.embed import embed
 from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest
-from medcurate.select.run import run_selection
+from medcurate.select.run import (ALL_CLASSES, group_recovery, grouping_stability, recovery,
+                                  run_selection)
 
 REPO = Path(__file__).resolve().parents[1]
 # HAM10000 subset: up to 60 images per class keeps the embedding under a minute; two classes
@@ -73,6 +77,15 @@ def test_confounder_aware_selection_writes_explained_artefacts(ham_run):
     report = (folder / "report.html").read_text()
     assert "<h2>site</h2>" in report and "<h2>sex</h2>" in report
     assert report.count("data:image/png;base64,") >= 3
+
+    # Found groups against every charted column but split, per class; stability per class.
+    assert set(on_disk["recovery"]) == set(taken)
+    for label, columns in on_disk["recovery"].items():
+        assert "split" not in columns and "site" in columns, (label, columns)
+        for v in columns.values():
+            assert -1 <= v["ari"] <= 1 and 0 <= v["nmi"] <= 1 and v["rows"] == taken[label]
+    assert set(on_disk["stability"]) <= set(taken) and on_disk["stability"]
+    assert "Do the groups match known metadata?" in report
 
     groups = pq.read_table(folder / "map.parquet")
     assert groups.num_rows == sum(taken.values())
@@ -150,3 +163,88 @@ def test_cli_rejects_bad_budget_and_strategy(ham_run, args, message):
                           cwd=REPO, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_group_recovery_perfect_and_independent():
+    values = np.array(["a", "b", "c"] * 200, dtype=object)
+    same = group_recovery(np.array([7, 3, 5] * 200), values)  # group ids need not match values
+    assert same == {"ari": 1.0, "nmi": 1.0, "rows": 600}
+    rng = np.random.default_rng(0)
+    chance = group_recovery(rng.integers(0, 3, 4000), rng.choice(["x", "y"], 4000))
+    assert abs(chance["ari"]) < 0.02 and chance["nmi"] < 0.02
+
+    labels = np.array(["p"] * 4 + ["q"] * 4, dtype=object)
+    groups = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+    metadata = {"site": np.array(["s", "s", "t", "t", "s", "s", "s", "s"], dtype=object),
+                "split": np.array(["train", "test"] * 4, dtype=object)}
+    found = recovery(labels, groups, metadata)
+    # split is never scored; class q holds one site value only, so nothing to recover there
+    assert found == {"p": {"site": {"ari": 1.0, "nmi": 1.0, "rows": 4}}, "q": {}}
+
+
+def test_grouping_stability_reads_per_class_and_shared_groupings():
+    dbscan = {"params": {"eps_scale": 2.0, "stability": {"1.0": 0.5, "2.0": 0.95}}}
+    hdbscan = {"params": {"min_cluster_share": 0.02, "stability": {"0.01": 0.7, "0.02": 0.92}}}
+    fixed = {"params": {"eps": 0.3, "min_samples": 4}}
+    info = {"classes": {"a": {"cluster": dbscan}, "b": {"cluster": hdbscan},
+                        "c": {"cluster": fixed}}}
+    found = grouping_stability(info)
+    assert found["a"]["parameter"] == "eps_scale" and found["a"]["stability"] == 0.95
+    assert found["b"]["parameter"] == "min_cluster_share" and found["b"]["stability"] == 0.92
+    assert "c" not in found  # a fixed eps: nothing was measured
+    assert set(grouping_stability({"map": {"cluster": dbscan}, "classes": {}})) == {ALL_CLASSES}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, ray_session):
+    """The built-in demo archive (3 shape classes x 100, 10% of each from a planted "site_b"
+    with a burned-in tag), embedded with MobileNetV2: a metadata column known to be a
+    confounder the map's groups should recover."""
+    from medcurate.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("demo")
+    archive = make_demo_archive(root / "archive", seed=0)
+    workspace = Workspace(str(root / "ws"))
+    ingest(IngestConfig(source=str(archive), metadata=str(archive / "metadata.csv"),
+                        id_column="file", name="demo"), workspace)
+    return workspace, embed(EmbedConfig(collection="demo", model="mobilenetv2-imagenet"),
+                            workspace)["run_id"]
+
+
+@pytest.mark.parametrize("strategy", ["confounder-aware", "confounder-aware-paper",
+                                      "cluster-random"])
+def test_map_selection_reports_recovery_of_planted_site_and_stability(demo_run, strategy):
+    workspace, run_id = demo_run
+    summary = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=10,
+                                         strategy=strategy), workspace)
+    folder = Path(workspace.path("selections", summary["selection_id"]))
+    on_disk = json.loads((folder / "summary.json").read_text())
+    assert on_disk["recovery"] == summary["recovery"]
+    classes = {"disc", "ring", "bar"}
+    assert set(on_disk["recovery"]) == classes
+    for columns in on_disk["recovery"].values():
+        assert set(columns) == {"site"}  # split is not scored
+        site = columns["site"]
+        assert -1 <= site["ari"] <= 1 and 0 <= site["nmi"] <= 1 and site["rows"] == 100
+    # The planted site is found as a group of its own in at least one class.
+    assert max(c["site"]["ari"] for c in on_disk["recovery"].values()) >= 0.9
+    assert set(on_disk["stability"]) == classes
+    for v in on_disk["stability"].values():
+        assert v["parameter"] == "eps_scale" and 0 <= v["stability"] <= 1
+        assert v["stability"] == v["candidates"][str(v["value"])]
+    report = (folder / "report.html").read_text()
+    assert "Do the groups match known metadata?" in report and "<th>ARI</th>" in report
+    assert "How stable is the grouping?" in report and "eps_scale = " in report
+
+
+def test_balanced_and_mapless_selections_report_stability_accordingly(demo_run):
+    workspace, run_id = demo_run
+    balanced = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=10,
+                                          balance_groups=True), workspace)
+    assert set(balanced["stability"]) == {ALL_CLASSES}  # one grouping spans every class
+    assert set(balanced["recovery"]) == {"disc", "ring", "bar"}
+    plain = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=10,
+                                       strategy="random"), workspace)
+    assert "recovery" not in plain and "stability" not in plain
+    report = Path(workspace.path("selections", plain["selection_id"], "report.html")).read_text()
+    assert "Do the groups match known metadata?" not in report
