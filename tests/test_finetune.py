@@ -23,8 +23,9 @@ from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest, read_manifest
 from medcurate.train.audit import audit
 from medcurate.train.compare import compare_selections
-from medcurate.train.evaluation import (check_metrics, classification_metrics, fold_plan,
-                                        mean_interval, paired_auc_permutation)
+from medcurate.train.evaluation import (check_metrics, classification_metrics,
+                                        duplicates_of_training, fold_plan, mean_interval,
+                                        paired_auc_permutation)
 from medcurate.train.finetune import (METRICS_CSV, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE,
                                       classes_of, finetune, fit_classifier, fit_head,
                                       frozen_features, image_table, label_targets, make_head,
@@ -120,6 +121,24 @@ def test_intervals_and_paired_permutation_test():
     assert same["difference"] == 0 and same["p_value"] == 1.0
     apart = paired_auc_permutation(y, good, noise, 200, seed=0)
     assert apart["difference"] > 0.2 and apart["p_value"] < 0.01
+    # Scores on another scale but in the same order are the same model: swapping raw scores
+    # across scales would make the two look different under the null; ranks do not.
+    rescaled = [np.exp(20 * g) for g in good]
+    assert paired_auc_permutation(y, good, rescaled, 200, seed=0)["p_value"] == 1.0
+
+
+def test_duplicates_of_training_finds_exact_and_near_copies():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 16))
+    test = np.concatenate([train[:3], train[3:6] + rng.normal(0, 0.01, (3, 16)),
+                           rng.normal(size=(4, 16))])
+    sha = [f"s{i}" for i in range(50)]
+    test_sha = sha[:3] + ["x1", "x2", "x3", "y1", "y2", "y3", "y4"]
+    found = duplicates_of_training(test_sha, sha, test, train, 0.98)
+    assert found["exact"].tolist() == [True] * 3 + [False] * 7
+    assert found["near"].tolist() == [False] * 3 + [True] * 3 + [False] * 4
+    exact_only = duplicates_of_training(test_sha, sha, test, train, 1.0)
+    assert not exact_only["near"].any()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -266,13 +285,26 @@ def test_frozen_feature_probe_equals_the_ray_train_probe(real, tmp_path):
     np.testing.assert_allclose(untagged[1::2], x["test"][1::2], atol=1e-5)
 
 
-def test_compare_selections_trains_each_strategy_and_the_ceiling(real):
+def test_compare_selections_trains_each_strategy_and_the_ceiling(real, shared_data, tmp_path):
+    """On BreastMNIST whose test split also holds 12 byte-copies of training images: the
+    comparison drops them before scoring and says so."""
     workspace, _ = real
-    run = embed(EmbedConfig(collection="breast", model="mobilenetv2-imagenet"), workspace)
+    with np.load(shared_data / "breastmnist" / "breastmnist.npz") as source:
+        arrays = dict(source)
+    arrays["test_images"] = np.concatenate([arrays["test_images"], arrays["train_images"][:12]])
+    arrays["test_labels"] = np.concatenate([arrays["test_labels"], arrays["train_labels"][:12]])
+    np.savez(tmp_path / "breast-dup.npz", **arrays)
+    ingest(IngestConfig(source=str(tmp_path / "breast-dup.npz"), name="breast-dup"), workspace)
+    run = embed(EmbedConfig(collection="breast-dup", model="mobilenetv2-imagenet"), workspace)
     config = CompareConfig(embedding_run=run["run_id"], strategies=["random", "stratified"],
                            budgets=[5, 20], seeds=[0, 1], augment=False, comparison_id="cmp")
     summary = compare_selections(config, workspace)
     assert summary["trained_on"] == "stored embeddings"
+    seen = {image.tobytes() for split in ("train", "val") for image in arrays[f"{split}_images"]}
+    copies_already = sum(image.tobytes() in seen for image in arrays["test_images"][:156])
+    dropped = summary["test_dropped"]
+    assert dropped["exact"] == 12 + copies_already and dropped["near_duplicate_cosine"] == 0.99
+    assert summary["test_images"] == 156 - copies_already - dropped["near"]
     for strategy in ("random", "stratified"):
         for budget in ("5", "20"):
             entry = summary["metrics"][strategy][budget]["auc"]

@@ -26,7 +26,8 @@ from medcurate.ingest import read_manifest
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
 from medcurate.select.run import read_selection, run_selection
-from medcurate.train.evaluation import classification_metrics, fold_plan, mean_interval
+from medcurate.train.evaluation import (classification_metrics, duplicates_of_training,
+                                        fold_plan, mean_interval)
 from medcurate.train.finetune import (classes_of, fit_classifier, fit_head, image_table,
                                       label_targets, preprocessing_for, split_rows)
 from medcurate.workspace import PROVENANCE_FILE, Workspace, validate_key
@@ -106,10 +107,11 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
     classes, positive = classes_of(train_all, config)
     stored = config.mode == "linear" and not config.augment and config.img_size is None \
         and config.num_workers == 1
-    features = None
-    if stored:
-        rows, X = load_embeddings(workspace, config.embedding_run)
-        features = dict(zip(rows.column("id").to_pylist(), X))
+    rows, X = load_embeddings(workspace, config.embedding_run)
+    by_id = dict(zip(rows.column("id").to_pylist(), X))
+    test, dropped = _drop_training_duplicates(test, pa.concat_tables([train_all, val_split]),
+                                              by_id, config.near_duplicate_cosine)
+    features = by_id if stored else None
     trainer = _Trainer(config, workspace, run_record["model"], classes, positive, features,
                        comparison_id)
     test_y = label_targets(test, classes, "'test' split")
@@ -134,6 +136,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                 for metric, value in evaluate(chosen, seed, key).items():
                     records.append({"strategy": strategy, "budget": budget, "seed": seed,
                                     "selection": key, "metric": metric, "value": value})
+        if not config.ceiling:
+            continue
         for metric, value in evaluate(train_all, seed, f"{CEILING}-s{seed}").items():
             records.append({"strategy": CEILING, "budget": train_all.num_rows, "seed": seed,
                             "selection": "", "metric": metric, "value": value})
@@ -142,7 +146,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                    collection=collection, classes=classes, positive=classes[positive],
                    trained_on="stored embeddings" if stored else "images (Ray Train)",
                    validation="'val' split" if val_split.num_rows else
-                   f"{config.val_fraction:.0%} of each selection")
+                   f"{config.val_fraction:.0%} of each selection", test_images=test.num_rows,
+                   test_dropped=dropped)
     with workspace.stage("comparisons", comparison_id, overwrite=config.overwrite) as staging:
         workspace.write_bytes(f"{staging}/{RESULTS_FILE}", _csv(records).encode())
         workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
@@ -154,6 +159,27 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                                     InputRef(role="collection", uri=collection)])
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return summary
+
+
+def _drop_training_duplicates(test: pa.Table, seen: pa.Table, by_id: dict,
+                              cosine: float) -> tuple[pa.Table, dict]:
+    """The test rows that repeat no image of ``seen`` (train and validation), and how many
+    were dropped as exact and as near duplicates (``duplicates_of_training``)."""
+    def vectors(table: pa.Table) -> np.ndarray | None:
+        ids = table.column("id").to_pylist()
+        return np.stack([by_id[i] for i in ids]) if ids and all(i in by_id for i in ids) \
+            else None
+
+    masks = duplicates_of_training(test.column("sha256").to_pylist(),
+                                   seen.column("sha256").to_pylist(), vectors(test),
+                                   vectors(seen), cosine)
+    keep = ~(masks["exact"] | masks["near"])
+    if not keep.any():
+        raise MedcurateError("every test image repeats a training or validation image; "
+                             "nothing is left to test on")
+    return test.filter(pa.array(keep)), {"exact": int(masks["exact"].sum()),
+                                         "near": int(masks["near"].sum()),
+                                         "near_duplicate_cosine": cosine}
 
 
 def _summary(config: CompareConfig, records: list[dict]) -> dict:
@@ -187,14 +213,16 @@ def _report(summary: dict, config: CompareConfig) -> bytes:
     for metric in config.metrics:
         curves = [(s, budgets, [summary["metrics"][s][str(b)][metric] for b in budgets], "-")
                   for s in summary["strategies"]]
-        curves.append((f"{CEILING} (ceiling)", budgets,
-                       [summary["ceiling"][metric]] * len(budgets), ":"))
+        ceiling = summary["ceiling"][metric]
+        if ceiling["mean"] is not None:
+            curves.append((f"{CEILING} (ceiling)", budgets, [ceiling] * len(budgets), ":"))
         png = curves_figure(f"{metric} against budget", "images per class", metric, curves)
         rows = [[s, b, e["mean"], e["low"], e["high"], e["n"]]
                 for s in summary["strategies"] for b in budgets
                 for e in [summary["metrics"][s][str(b)][metric]]]
-        c = summary["ceiling"][metric]
-        rows.append([CEILING, "all", c["mean"], c["low"], c["high"], c["n"]])
+        if ceiling["mean"] is not None:
+            rows.append([CEILING, "all", ceiling["mean"], ceiling["low"], ceiling["high"],
+                         ceiling["n"]])
         parts += [f"<h2>{metric}</h2>", f'<img alt="{metric}" src="data:image/png;base64,{png}">',
                   html_table(["strategy", "budget", "mean", "95% low", "95% high", "seeds"],
                              rows)]

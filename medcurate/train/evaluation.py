@@ -1,4 +1,5 @@
-"""Classifier metrics, validation folds, intervals and a paired permutation test.
+"""Classifier metrics, validation folds, intervals, a paired permutation test, and the
+test images that duplicate training images.
 
 Plain numpy/scikit-learn over predicted class probabilities, so fine-tuning, the shortcut
 audit and the selection comparison score models the same way.
@@ -99,9 +100,14 @@ def paired_auc_permutation(targets: list[np.ndarray], scores_a: list[np.ndarray]
                            seed: int) -> dict[str, float]:
     """Two-sided paired permutation test of mean AUC(a) − mean AUC(b) over test sets that
     both models scored on the same images (one per fold; ``targets`` are boolean: positive
-    or not): under the null the two models' scores of an image are exchangeable, so each
-    permutation swaps them per image."""
+    or not). Each model's scores are first replaced by their normalised ranks within the
+    test set: AUC depends on ranks only, so the observed difference is unchanged, but two
+    models whose raw scores live on different scales (a calibrated probability against a
+    sharp one) become exchangeable under the null. Each permutation then swaps the two
+    models' rank scores per image."""
     rng = np.random.default_rng(seed)
+    scores_a = [stats.rankdata(a) / len(a) for a in scores_a]
+    scores_b = [stats.rankdata(b) / len(b) for b in scores_b]
 
     def mean_difference(a_sets, b_sets):
         return np.mean([_binary_auc(y, a) - _binary_auc(y, b)
@@ -115,3 +121,21 @@ def paired_auc_permutation(targets: list[np.ndarray], scores_a: list[np.ndarray]
         b_perm = [np.where(s, a, b) for s, a, b in zip(swaps, scores_a, scores_b)]
         extreme += abs(mean_difference(a_perm, b_perm)) >= abs(observed) - 1e-12
     return {"difference": float(observed), "p_value": (extreme + 1) / (permutations + 1)}
+
+
+def duplicates_of_training(test_sha: list, train_sha: list, test_x: np.ndarray | None,
+                           train_x: np.ndarray | None, cosine: float) -> dict[str, np.ndarray]:
+    """Test rows that repeat a training image: ``exact`` (same content sha256) and ``near``
+    (not exact, but an embedding with cosine similarity ≥ ``cosine`` to a training image's;
+    skipped when no embeddings are given). A test image seen in training measures memory, not
+    generalisation, and favours strategies that pick dense, duplicated regions. Boolean masks
+    over the test rows."""
+    from medcurate import backends
+
+    exact = np.isin(np.asarray(test_sha, dtype=object), np.asarray(train_sha, dtype=object))
+    near = np.zeros(len(exact), dtype=bool)
+    if test_x is not None and train_x is not None and len(train_x) and cosine < 1.0:
+        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sq, _ = backends.knn(unit(train_x), 1, queries=unit(test_x))
+        near = (1.0 - sq[:, 0] / 2.0 >= cosine) & ~exact
+    return {"exact": exact, "near": near}
