@@ -180,7 +180,8 @@ def most_stable(Y: np.ndarray, candidates, cluster, seed: int) -> tuple[float, d
         stability[candidate] = round(float(np.mean(
             [adjusted_rand_score(full[rows], cluster(Y[rows], candidate)) for rows in draws])), 4)
     stable = [c for c in candidates if stability[c] >= STABLE_ARI]
-    best = stable[0] if stable else max(candidates, key=lambda c: (stability[c], -candidates.index(c)))
+    best = stable[0] if stable else \
+        max(candidates, key=lambda c: (stability[c], -candidates.index(c)))
     return best, {str(c): v for c, v in stability.items()}
 
 

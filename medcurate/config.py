@@ -170,8 +170,9 @@ class CurateConfig(IngestConfig):
 # look alike), with no gap to cut at; 0.99 takes the near copies and leaves the merely similar.
 NEAR_DUPLICATE_COSINE = 0.99
 
-Strategy = Literal["confounder-aware", "confounder-aware-paper", "random", "stratified", "kcenter", "herding",
-                   "facility-location", "typicality", "cluster-random", "optidel"]
+Strategy = Literal["confounder-aware", "confounder-aware-paper", "random", "stratified",
+                   "kcenter", "herding", "facility-location", "typicality", "cluster-random",
+                   "optidel"]
 # Strategies that select a share of the whole pool (--fraction) for pretraining, ignoring labels.
 POOL_STRATEGIES = ("optidel",)
 
@@ -274,8 +275,8 @@ class SelectConfig(CommandConfig):
         return self
 
     def strategy_params(self) -> dict:
-        names = ("method", "within", "allocation", "pca_dims", "n_neighbors", "min_dist", "fit_sample",
-                 "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
+        names = ("method", "within", "allocation", "pca_dims", "n_neighbors", "min_dist",
+                 "fit_sample", "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
                  "patch_size", "min_content")
         params = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {**params, "balance_groups": True} if self.balance_groups else params
