@@ -57,11 +57,53 @@ def log(message: str) -> None:
 
 
 # -- sources ------------------------------------------------------------------------------------
+# Share of the training images set aside once, before any selection, as the fixed validation
+# set of early stopping (PneumoniaMNIST has its own 'val' split): never part of a budget.
+VAL_SHARE = 0.1
+VAL_SEED = 0
+
+
+def group_split(labels, groups, share: float, seed: int):
+    """Boolean mask of a ``share`` of the rows, stratified by ``labels`` and never splitting a
+    ``groups`` id (a lesion, a patient) across the two sides: fold 0 of a seeded
+    StratifiedGroupKFold with ``round(1 / share)`` folds."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = StratifiedGroupKFold(n_splits=round(1 / share), shuffle=True, random_state=seed)
+    _, held = next(folds.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def with_validation(split: list[str], labels, groups) -> list[str]:
+    """``split`` with a fixed, group-aware ``VAL_SHARE`` of its 'train' rows renamed 'val'."""
+    import numpy as np
+
+    split = np.asarray(split, dtype=object)
+    train = np.flatnonzero(split == "train")
+    held = group_split(np.asarray(labels)[train], np.asarray(groups)[train], VAL_SHARE, VAL_SEED)
+    split[train[held]] = "val"
+    return split.tolist()
+
+
+def write_manifest(inputs: Path, name: str, table) -> Path:
+    """Write a study manifest (a pandas frame) as ``<inputs>/<name>.csv``, byte-stable."""
+    inputs.mkdir(parents=True, exist_ok=True)
+    path = inputs / f"{name}.csv"
+    text = table.to_csv(index=False, lineterminator="\n")
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
 def ham_manifest(data: Path, inputs: Path, kind: str) -> Path:
     """Write the HAM10000 CSV manifest (path, dx, split, metadata) of one split; rows in
-    image_id order, the same bytes on every run."""
+    image_id order, the same bytes on every run. Every split groups by ``lesion_id`` (the
+    shared copy holds one image per lesion; the full release has several, which a row-wise
+    split would leak across train and test)."""
     import pandas as pd
-    from sklearn.model_selection import train_test_split
 
     meta = pd.read_csv(data / "ham10000" / "metadata.csv").sort_values("image_id")
     meta = meta.reset_index(drop=True)
@@ -72,18 +114,30 @@ def ham_manifest(data: Path, inputs: Path, kind: str) -> Path:
         sys.exit(f"error: {len(missing)} HAM10000 images listed in metadata.csv are missing, "
                  f"e.g. {missing[0]}")
     if kind == "iid":
-        _, test = train_test_split(meta.index.to_numpy(), test_size=HAM_TEST_SHARE,
-                                   random_state=HAM_SPLIT_SEED, stratify=meta["dx"])
-        split = ["test" if i in set(test) else "train" for i in meta.index]
+        test = group_split(meta["dx"].to_numpy(), meta["lesion_id"].to_numpy(),
+                           HAM_TEST_SHARE, HAM_SPLIT_SEED)
     else:
-        split = ["test" if s == HELD_OUT_SITE else "train" for s in meta["site"]]
-    meta.insert(3, "split", split)
-    inputs.mkdir(parents=True, exist_ok=True)
-    path = inputs / f"ham10000-{kind}.csv"
-    text = meta.to_csv(index=False, lineterminator="\n")
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path
+        test = (meta["site"] == HELD_OUT_SITE).to_numpy()
+    split = ["test" if t else "train" for t in test]
+    meta.insert(3, "split", with_validation(split, meta["dx"], meta["lesion_id"]))
+    return write_manifest(inputs, f"ham10000-{kind}", meta)
+
+
+def brain_manifest(data: Path, inputs: Path) -> Path:
+    """The brain MRI folders as a CSV manifest: Testing/ is 'test', Training/ is 'train' less
+    a fixed validation share. No patient ids exist, so the validation split is per image;
+    test images that duplicate a training image are dropped by the comparison itself."""
+    import pandas as pd
+
+    root = data / "brain-tumor-mri"
+    rows = [{"path": str(p), "label": p.parent.name,
+             "split": "test" if folder == "Testing" else "train"}
+            for folder in ("Training", "Testing")
+            for p in sorted((root / folder).glob("*/*")) if p.is_file()]
+    table = pd.DataFrame(rows)
+    table["split"] = with_validation(table["split"].tolist(), table["label"],
+                                     table["path"])
+    return write_manifest(inputs, "brain-tumor-mri", table)
 
 
 def ingest_config(name: str, data: Path, inputs: Path):
@@ -94,7 +148,8 @@ def ingest_config(name: str, data: Path, inputs: Path):
         return IngestConfig(source=str(source), name=name, format="csv", path_column="path",
                             label_column="dx", split_column="split")
     if name == "brain-tumor-mri":
-        return IngestConfig(source=str(data / "brain-tumor-mri"), name=name, format="folder")
+        return IngestConfig(source=str(brain_manifest(data, inputs)), name=name, format="csv",
+                            path_column="path", label_column="label", split_column="split")
     if name in ("pneumoniamnist", "breastmnist"):
         return IngestConfig(source=str(data / name / f"{name}.npz"), name=name, format="npz")
     raise ValueError(f"unknown data set {name!r}")
@@ -139,6 +194,10 @@ class Timings:
         self.data = json.loads(path.read_text()) if path.is_file() else {}
 
     def record(self, key: str, seconds: float) -> None:
+        """Record one entry; the file is re-read first, so two study processes sharing a
+        workspace (each running other arms) keep each other's entries."""
+        if self.path.is_file():
+            self.data = {**json.loads(self.path.read_text()), **self.data}
         self.data[key] = {"seconds": round(seconds, 1), "at": datetime.now().isoformat(
             timespec="seconds")}
         self.path.write_text(json.dumps(self.data, indent=2, sort_keys=True))
@@ -197,6 +256,23 @@ def ensure_embedding(collection: str, workspace, timings: Timings,
     return {**summary, "reused": False, "seconds": timings.get(key)}
 
 
+def ensure_pretrained(config, workspace, timings: Timings) -> Path:
+    """The checkpoint of the MAE ``config`` (a PretrainConfig) pretrains, pretrained now unless
+    the workspace has it."""
+    from medcurate.train.pretrain import pretrain
+
+    key = f"pretrain/{config.model_name}"
+    if workspace.exists("models", config.model_name):
+        log(f"pretrain {config.model_name}: reused")
+    else:
+        log(f"pretrain {config.model_name} on {config.collection} ({config.epochs} epochs)")
+        with timings.measure(key):
+            summary = pretrain(config, workspace)
+        log(f"pretrain {config.model_name}: final loss {summary['final_loss']:.4f}, "
+            f"{timings.get(key):.0f} s")
+    return Path(workspace.require("models", config.model_name)) / "model.pt"
+
+
 # -- data facts -------------------------------------------------------------------------------
 def split_counts(workspace, collection: str) -> dict[str, dict[str, int]]:
     from collections import Counter
@@ -218,21 +294,20 @@ def interval(values: list[float]) -> dict:
     return mean_interval(values)
 
 
-def welch(a: list[float], b: list[float]) -> dict:
-    """Mean of a − b with a Welch 95% interval (the seeds of two strategies are independent
-    draws; nothing pairs them)."""
+def paired(a: dict, b: dict) -> dict | None:
+    """Mean of the per-seed differences a − b over the seeds both have (``{seed: value}``),
+    with a Student-t 95% interval: a seed fixes both the selection's and the training's
+    randomness, so two strategies' runs of one seed are paired. None with under two seeds."""
     import numpy as np
     from scipy import stats
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    diff = float(a.mean() - b.mean())
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = float(np.sqrt(va + vb))
-    if se == 0:
-        return {"diff": diff, "low": diff, "high": diff}
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, dof) * se)
-    return {"diff": diff, "low": diff - half, "high": diff + half}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    diff = float(d.mean())
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"diff": diff, "low": diff - half, "high": diff + half, "seeds": len(d)}
 
 
 def fmt(entry: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _study import Timings, ensure_collection, ingest_config, log, study_inputs
+from _study import Timings, ensure_collection, ensure_pretrained, ingest_config, study_inputs
 
 # The MAEs: one on chest X-rays, one on brain MRI, both ViT-tiny (depth 4) at 64 px with 8-px
 # patches on a seeded 3,000-image subset of the train split, 10 epochs: the README's tested
@@ -42,21 +42,10 @@ def pretrain_config(name: str, quick: bool):
 
 def ensure_mae(name: str, workspace, data: Path, timings: Timings, quick: bool) -> Path:
     """The checkpoint of one zoo MAE, pretrained now unless the workspace has it."""
-    from medcurate.train.pretrain import pretrain
-
     config = pretrain_config(name, quick)
     ensure_collection(ingest_config(config.collection, data, study_inputs(workspace.root)), workspace,
                       timings)
-    key = f"pretrain/{config.name}"
-    if workspace.exists("models", config.name):
-        log(f"pretrain {config.name}: reused")
-    else:
-        log(f"pretrain {config.name} on {config.collection} ({config.epochs} epochs)")
-        with timings.measure(key):
-            summary = pretrain(config, workspace)
-        log(f"pretrain {config.name}: final loss {summary['final_loss']:.4f}, "
-            f"{timings.get(key):.0f} s")
-    return Path(workspace.require("models", config.name)) / "model.pt"
+    return ensure_pretrained(config, workspace, timings)
 
 
 def ensure_zoo(workspace, data: Path, timings: Timings,

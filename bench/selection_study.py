@@ -1,23 +1,32 @@
-"""Selection study (issue 9, part 1): which selection strategy gives the best classifier per
-labelled image, on real medical data sets, at equal budgets?
+"""Selection study (issue 16): which selection strategy gives the best classifier per
+labelled image, on real medical data sets, at equal budgets, evaluated cleanly?
 
 One command regenerates ``docs/results/selection_study.{json,csv,md,png}`` with the library's
-own functions in one workspace: ``ingest`` → ``embed`` (mobilenetv2-imagenet, 224 px) →
-``compare_selections`` (every strategy × budget per class × seed; a linear probe trained on
-the stored embeddings; tested on the collection's 'test' split; the whole 'train' split as the
-ceiling). Finished artefacts in the workspace are reused, so a re-run only redoes what is
-missing; ``--recompute`` redoes every selection and training run (not ingest and embedding).
+own functions in one workspace: ``ingest`` → (``pretrain``) → ``embed`` →
+``compare_selections`` (every strategy × budget per class × seed; a classifier trained on the
+selection, early-stopped on a fixed validation split outside every budget, tested on the
+collection's 'test' split less the test images that repeat a training or validation image;
+the whole 'train' split as the ceiling). Finished artefacts in the workspace are reused, so a
+re-run only redoes what is missing; ``--recompute`` redoes every selection and training run
+(not ingest, pretraining and embedding).
 
-Data sets (from ``../shared/data``, relative to the repository root, or ``--data``):
+Arms (data from ``../shared/data``, relative to the repository root, or ``--data``); every
+split holds a fixed 10% validation share of the training images (PneumoniaMNIST: its own):
 
-- ``ham10000-iid``: HAM10000 (7 classes), a seeded stratified 80/20 train/test split, written
-  as a CSV manifest with a ``split`` column and ingested with ``--format csv``.
+- ``ham10000-iid``: HAM10000 (7 classes), a seeded stratified 80/20 train/test split grouped
+  by ``lesion_id``, written as a CSV manifest with a ``split`` column.
 - ``ham10000-ood``: HAM10000 split by acquisition site: train on rosendahl, vidir_molemax and
   vienna_dias, test on the held-out vidir_modern (see ``HELD_OUT_SITE``).
-- ``brain-tumor-mri``: 4 classes, the folders Training/ and Testing/ as train and test.
+- ``brain-tumor-mri``: 4 classes, the folders Training/ and Testing/ as train and test; its
+  217 byte-identical test copies of training images (and near copies) are dropped.
 - ``pneumoniamnist``: 2 classes, the npz's own train / val / test.
+- ``ham10000-ood+mae``: the held-out site with an MAE pretrained on its own train split.
+- ``ham10000-ood+finetune``: the held-out site with every layer fine-tuned (N ≤ 25).
 
-    .venv/bin/python bench/selection_study.py                  # the full study (< 1 h, 2 cores)
+Linear probes train on ImageNet MobileNetV2's stored embeddings (224 px) unless the arm says
+otherwise.
+
+    .venv/bin/python bench/selection_study.py                  # the full study (2-3 h, 2 cores)
     .venv/bin/python bench/selection_study.py --quick          # smoke run: 1 set, 2 budgets, 2 seeds
     .venv/bin/python bench/selection_study.py --datasets ham10000-ood --workspace /tmp/ws
 """
@@ -34,18 +43,41 @@ from datetime import datetime
 from pathlib import Path
 
 from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
-    HAM_SPLIT_SEED, HAM_TEST_SHARE, HELD_OUT_SITE, RESULTS, SOURCES, Timings, check_against,
-    DEFAULT_DATA, check_data, comma, ensure_collection, ensure_embedding, fmt, ingest_config, log,
-    machine, open_study, single_threaded_numerics, split_counts, welch, write_results)
+    DEFAULT_DATA, HAM_SPLIT_SEED, HAM_TEST_SHARE, HELD_OUT_SITE, RESULTS, SOURCES, Timings,
+    check_against, check_data, comma, ensure_collection, ensure_embedding, ensure_pretrained,
+    fmt, ingest_config, log, machine, open_study, paired, single_threaded_numerics,
+    split_counts, write_results)
 
+HAM_OOD = "ham10000-ood"
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-selection-study"
 DEFAULT_OUT = RESULTS / "selection_study"
 MODEL = "mobilenetv2-imagenet"
 # The study's data sets (BreastMNIST is too small for budgets of 100 per class).
 DATASETS = {name: SOURCES[name] for name in ("ham10000-iid", "ham10000-ood", "brain-tumor-mri",
                                              "pneumoniamnist")}
+# Two more arms on HAM10000's held-out site, where a confounder (the acquisition site) shifts:
+# - mae: the features of Ji et al.'s setting, an MAE pretrained by `medcurate pretrain` on the
+#   collection's own train split (tiny ViT, 32 px, 20 epochs: what this machine affords);
+# - finetune: every layer of MobileNetV2 fine-tuned on the selection through Ray Train (64 px
+#   inputs, augmentation, 30 epochs at most, patience 5), at the small budgets where picking
+#   matters most; the expensive arm, so fewer strategies and no ceiling (fine-tuning on all
+#   3,900 training images five times is hours of CPU here).
+MAE_PRETRAIN = {"arch": "mae-vit-tiny", "img_size": 32, "patch_size": 8, "in_chans": 3,
+                "epochs": 20, "batch_size": 64, "seed": 0}
+FINETUNE = {"mode": "full", "img_size": 64, "augment": True, "epochs": 30, "patience": 5,
+            "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32}
+FINETUNE_BUDGETS = [5, 10, 25]
+FINETUNE_STRATEGIES = ["confounder-aware", "confounder-aware-paper", "stratified", "herding",
+                       "typicality"]
+ARMS = {f"{HAM_OOD}+mae": {"collection": HAM_OOD, "encoder": "mae",
+                           "title": f"{SOURCES[HAM_OOD]}, MAE pretrained on its train split"},
+        f"{HAM_OOD}+finetune": {"collection": HAM_OOD, "encoder": MODEL,
+                                "title": f"{SOURCES[HAM_OOD]}, full fine-tuning at 64 px"}}
+ALL = {**{name: {"collection": name, "encoder": MODEL, "title": title}
+          for name, title in DATASETS.items()}, **ARMS}
 
-STRATEGIES = ["confounder-aware", "random", "stratified", "kcenter", "herding",
+DEFAULT = "confounder-aware"
+STRATEGIES = [DEFAULT, "confounder-aware-paper", "random", "stratified", "kcenter", "herding",
               "facility-location", "typicality"]
 BUDGETS = [5, 10, 25, 50, 100]
 SEEDS = [0, 1, 2, 3, 4]
@@ -104,16 +136,33 @@ def cache_pure_steps() -> None:
 
 
 # -- stages ------------------------------------------------------------------------------------
-def compare_config(run_id: str, dataset: str, args):
+def compare_config(run_id: str, name: str, args):
+    """The comparison of one arm: the linear-probe protocol, or the fine-tuning arm's."""
     from medcurate.config import CompareConfig
 
-    config = CompareConfig(embedding_run=run_id, strategies=args.strategies,
-                           budgets=args.budgets, seeds=args.seeds, metrics=METRICS,
-                           **PROTOCOL)
-    # Named after the data set and a hash of every setting that shapes the results: the same
+    finetune = name.endswith("+finetune")
+    protocol = {**PROTOCOL, **FINETUNE} if finetune else PROTOCOL
+    budgets = [b for b in args.budgets if b in FINETUNE_BUDGETS] if finetune else args.budgets
+    strategies = [s for s in args.strategies if s in FINETUNE_STRATEGIES] if finetune \
+        else args.strategies
+    config = CompareConfig(embedding_run=run_id, strategies=strategies, budgets=budgets,
+                           seeds=args.seeds, metrics=METRICS, ceiling=not finetune, **protocol)
+    # Named after the arm and a hash of every setting that shapes the results: the same
     # settings find and reuse the same comparison (and its selections, named after it).
-    config.comparison_id = f"study-{dataset}-{config.digest('comparison_id')}"
+    config.comparison_id = f"study-{name.replace('+', '-')}-{config.digest('comparison_id')}"
     return config
+
+
+def ensure_encoder(arm: dict, workspace, timings: Timings) -> str:
+    """The arm's encoder spec: the ImageNet model, or the MAE pretrained now (or reused) on
+    the collection's train split."""
+    from medcurate.config import PretrainConfig
+
+    if arm["encoder"] != "mae":
+        return arm["encoder"]
+    config = PretrainConfig(collection=arm["collection"], name=f"{arm['collection']}-mae",
+                            **MAE_PRETRAIN)
+    return f"mae:{ensure_pretrained(config, workspace, timings)}"
 
 
 def ensure_comparison(config, workspace, timings: Timings, recompute: bool) -> dict:
@@ -152,34 +201,51 @@ def selection_seconds(workspace, records: list[dict]) -> dict[str, float]:
 
 
 def values_of(records: list[dict], strategy: str, budget, metric: str) -> list[float]:
-    return [float(r["value"]) for r in records if r["strategy"] == strategy
+    return list(by_seed(records, strategy, budget, metric).values())
+
+
+def by_seed(records: list[dict], strategy: str, budget, metric: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r["value"]) for r in records if r["strategy"] == strategy
             and (budget is None or int(r["budget"]) == budget) and r["metric"] == metric
-            and r["value"] not in ("", "None")]
+            and r["value"] not in ("", "None")}
 
 
 def contrasts(records: list[dict], strategies: list[str], budgets: list[int]) -> dict:
-    """Per budget and metric: the best strategy by mean, confounder-aware's rank, and its
-    difference to random and to the best other strategy."""
+    """Per budget and metric: the ranking by mean, the default's rank, and the default's
+    paired per-seed difference to every other strategy and to the best other one."""
     out: dict = {}
     for metric in METRICS:
         for budget in budgets:
-            means = {s: sum(v) / len(v) for s in strategies
-                     if (v := values_of(records, s, budget, metric))}
+            values = {s: by_seed(records, s, budget, metric) for s in strategies}
+            means = {s: sum(v.values()) / len(v) for s, v in values.items() if v}
             order = sorted(means, key=means.get, reverse=True)
             entry = {"best": order[0], "ranking": order}
-            if "confounder-aware" in means:
-                ca = values_of(records, "confounder-aware", budget, metric)
-                entry["confounder_aware_rank"] = order.index("confounder-aware") + 1
-                for baseline in ("random", "stratified"):
-                    if baseline in means:
-                        entry[f"ca_minus_{baseline}"] = welch(ca, values_of(
-                            records, baseline, budget, metric))
-                other = next(s for s in order if s != "confounder-aware")
+            if DEFAULT in means:
+                entry["default_rank"] = order.index(DEFAULT) + 1
+                entry["default_minus"] = {s: paired(values[DEFAULT], values[s])
+                                          for s in order if s != DEFAULT}
+                other = next(s for s in order if s != DEFAULT)
                 entry["best_other"] = other
-                entry["ca_minus_best_other"] = welch(ca, values_of(records, other, budget,
-                                                                   metric))
+                entry["default_minus_best_other"] = entry["default_minus"][other]
             out.setdefault(metric, {})[str(budget)] = entry
     return out
+
+
+def verdict(report: dict) -> dict:
+    """The issue's bar, checked on AUC: the default is never significantly worse than the best
+    other strategy (paired interval's high end ≥ 0) in any cell, and beats stratified random
+    at N ≤ 25 on HAM10000's held-out site (paired interval's low end > 0)."""
+    worse, ood = [], {}
+    for name, result in report["datasets"].items():
+        for budget, entry in result["contrasts"]["auc"].items():
+            d = entry.get("default_minus_best_other")
+            if d is not None and d["high"] < 0:
+                worse.append(f"{name} N={budget}: {entry['best_other']} {-d['diff']:+.3f}")
+            s = entry.get("default_minus", {}).get("stratified")
+            if name == "ham10000-ood" and int(budget) <= 25 and s is not None:
+                ood[budget] = s["low"] > 0
+    return {"never_significantly_worse": not worse, "significantly_worse_cells": worse,
+            "beats_stratified_ood_small_n": ood}
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -202,43 +268,63 @@ def markdown_table(result: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def diff_text(d: dict | None) -> str:
+    return "n/a" if d is None else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    parts = ["# Selection study (issue 9, part 1)", "",
+    v = report["verdict"]
+    parts = ["# Selection study (issue 16)", "",
              f"Command: `{report['command']}`", "",
              f"Encoder {MODEL} (ImageNet, 224 px), stored embeddings; linear probe "
              f"(dropout 0.5 + linear head), {PROTOCOL['epochs']} epochs at most, patience "
              f"{PROTOCOL['patience']}, AdamW lr {PROTOCOL['lr']:g}, weight decay "
              f"{PROTOCOL['weight_decay']:g}, batch {PROTOCOL['batch_size']}, no augmentation; "
-             f"seeds {report['seeds']}. Cells: mean ± half-width of the 95% t-interval over "
-             "seeds; bold: best mean at that budget. N: images per class (a class with fewer "
-             "training images is taken whole). `random` draws N × classes images uniformly "
-             "from the whole train split (the class mix follows the archive's, so rare "
-             "classes may get none); `stratified` draws N at random within each class. The "
-             "ceiling trains on the whole train split (its validation share held out), "
-             "class-imbalanced as it is.", ""]
+             f"seeds {report['seeds']} (a seed fixes both the selection and the training). "
+             "Cells: mean ± half-width of the 95% t-interval over seeds; bold: best mean at "
+             "that budget. N: images per class (a class with fewer training images is taken "
+             "whole). `random` draws N × classes images uniformly from the whole train split "
+             "(the class mix follows the archive's, so rare classes may get none); "
+             "`stratified` draws N at random within each class. `confounder-aware` is the "
+             "default (share allocation, herding within groups); `confounder-aware-paper` is "
+             "Ji et al.'s method as published. The ceiling trains on the whole train split, "
+             "class-imbalanced as it is.", "",
+             "Clean evaluation: every data set has a fixed validation split for early "
+             f"stopping, {report['validation']}, never part of a budget; HAM10000's splits "
+             "group by `lesion_id`; test images that repeat a training or validation image "
+             "(the same bytes, or MobileNetV2 embeddings with cosine similarity ≥ "
+             f"{report['near_duplicate_cosine']}) are dropped before scoring (counts below). "
+             "Differences are paired by seed, with 95% t-intervals.", "",
+             "## Verdict", "",
+             f"- Default never significantly worse than the best other strategy (AUC, every "
+             f"cell): **{'yes' if v['never_significantly_worse'] else 'no'}**"
+             + ("" if v["never_significantly_worse"] else
+                f" — worse in: {'; '.join(v['significantly_worse_cells'])}"),
+             "- Default beats stratified random on HAM10000's held-out site (paired interval "
+             "above zero): " + (", ".join(f"N = {b}: {'yes' if ok else 'no'}"
+                                          for b, ok in v["beats_stratified_ood_small_n"].items())
+                                or "not run"), ""]
     for name, result in report["datasets"].items():
+        dropped = result["test_dropped"]
         parts += [f"## {result['title']}", "",
-                  f"Train {result['train_images']} / test {result['test_images']} images; "
-                  f"validation: {result['validation']}.", ""]
+                  f"Train {result['train_images']} / validation {result['val_images']} / test "
+                  f"{result['test_images']} images, after dropping {dropped['exact']} exact and "
+                  f"{dropped['near']} near duplicates of training or validation images from "
+                  "the test split.", ""]
         for metric in METRICS:
             parts += [f"{metric}:", "", markdown_table(result, metric), ""]
+        others = [s for s in result["metrics"] if s != DEFAULT]
         lines = []
         for b, entry in result["contrasts"]["auc"].items():
-            if "ca_minus_best_other" not in entry:
+            if "default_minus" not in entry:
                 continue
-            def diff(d: dict | None) -> str:
-                return "n/a" if d is None else \
-                    f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
-            lines.append(f"| {b} | {entry['confounder_aware_rank']} of "
-                         f"{len(entry['ranking'])} | {diff(entry.get('ca_minus_random'))} | "
-                         f"{diff(entry.get('ca_minus_stratified'))} | {entry['best_other']}: "
-                         f"{diff(entry['ca_minus_best_other'])} |")
+            lines.append(f"| {b} | {entry['default_rank']} of {len(entry['ranking'])} | "
+                         + " | ".join(diff_text(entry["default_minus"].get(s)) for s in others)
+                         + " |")
         if lines:
-            parts += ["Confounder-aware, AUC (Welch 95% intervals of the difference):", "",
-                      "| N | rank | − random | − stratified | − best other |",
-                      "| --- | --- | --- | --- | --- |",
-                      *lines, ""]
+            parts += [f"{DEFAULT} minus each strategy, AUC (paired by seed, 95% interval):", "",
+                      "| N | rank | " + " | ".join(others) + " |",
+                      "| --- | --- |" + " --- |" * len(others), *lines, ""]
     parts += [f"Runtime: {report['timing']['total_compute_s'] / 60:.1f} min of compute "
               f"(ingest + embed + selections + training) on {report['machine']}.", ""]
     path.write_text("\n".join(parts))
@@ -264,12 +350,14 @@ def write_plot(report: dict, path: Path) -> None:
         lowest = 1.0
         count = len(report["strategies"])
         for index, strategy in enumerate(report["strategies"]):
+            if strategy not in result["metrics"]:
+                continue
             cells = [result["metrics"][strategy][str(b)]["auc"] for b in budgets]
             mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in cells])
             low = np.array([np.nan if c["low"] is None else c["low"] for c in cells])
             high = np.array([np.nan if c["high"] is None else c["high"] for c in cells])
             lowest = min(lowest, np.nanmin(mean))
-            main = strategy == "confounder-aware"
+            main = strategy == DEFAULT
             # strategies side by side at each budget (multiplicative offsets on the log axis)
             x = np.array(budgets, float) * 1.045 ** (index - (count - 1) / 2)
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
@@ -277,21 +365,23 @@ def write_plot(report: dict, path: Path) -> None:
                         elinewidth=1.4 if main else 0.8, color="black" if main
                         else colours(index), label=strategy, zorder=3 if main else 2)
         ceiling = result["ceiling"]["auc"]
-        ax.axhline(ceiling["mean"], ls="--", color="grey", lw=1,
-                   label="whole train split (ceiling)")
+        if ceiling["mean"] is not None:
+            ax.axhline(ceiling["mean"], ls="--", color="grey", lw=1,
+                       label="whole train split (ceiling)")
+            lowest = min(lowest, ceiling["mean"])
         if ceiling["low"] is not None:
             ax.axhspan(ceiling["low"], ceiling["high"], color="grey", alpha=0.12, lw=0)
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(budgets)
         ax.set_xticklabels([str(b) for b in budgets])
-        ax.set_ylim(max(0.0, min(lowest, ceiling["mean"]) - 0.06), 1.0)
+        ax.set_ylim(max(0.0, lowest - 0.06), 1.0)
         ax.set(title=result["title"], xlabel="images per class (N)", ylabel="test AUC")
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Linear probe on {MODEL} features: mean test AUC and 95% interval over "
+    fig.suptitle("Mean test AUC and 95% interval over "
                  f"{len(report['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -307,7 +397,7 @@ def main() -> None:
                         help=f"medcurate workspace; finished artefacts in it are reused "
                              f"(default {DEFAULT_WORKSPACE})")
     parser.add_argument("--datasets", type=comma(str), default=None,
-                        help=f"comma list of {', '.join(DATASETS)} (default: all)")
+                        help=f"comma list of {', '.join(ALL)} (default: all)")
     parser.add_argument("--strategies", type=comma(str), default=STRATEGIES)
     parser.add_argument("--budgets", type=comma(int), default=None,
                         help=f"images per class (default {BUDGETS})")
@@ -331,12 +421,12 @@ def main() -> None:
         args.datasets = args.datasets or QUICK["datasets"]
         args.budgets = args.budgets or QUICK["budgets"]
         args.seeds = args.seeds or QUICK["seeds"]
-    args.datasets = args.datasets or list(DATASETS)
+    args.datasets = args.datasets or list(ALL)
     args.budgets, args.seeds = args.budgets or BUDGETS, args.seeds or SEEDS
-    if unknown := [d for d in args.datasets if d not in DATASETS]:
+    if unknown := [d for d in args.datasets if d not in ALL]:
         sys.exit(f"error: unknown data set(s) {', '.join(unknown)}; choose from "
-                 f"{', '.join(DATASETS)}")
-    check_data(args.datasets, args.data)
+                 f"{', '.join(ALL)}")
+    check_data(sorted({ALL[d]["collection"] for d in args.datasets}), args.data)
     prefix = args.out or (args.workspace / "results" / "selection_study_quick" if args.quick
                           else DEFAULT_OUT)
 
@@ -360,28 +450,37 @@ def main() -> None:
     rows: list[dict] = []
     compute = 0.0
     for name in args.datasets:
-        log(f"== {name}: {DATASETS[name]}")
-        collection = ensure_collection(ingest_config(name, args.data, inputs), workspace,
-                                       timings)
-        embedding = ensure_embedding(name, workspace, timings)
+        arm = ALL[name]
+        log(f"== {name}: {arm['title']}")
+        collection = ensure_collection(ingest_config(arm["collection"], args.data, inputs),
+                                       workspace, timings)
+        encoder = ensure_encoder(arm, workspace, timings)
+        embedding = ensure_embedding(arm["collection"], workspace, timings, model=encoder)
         config = compare_config(embedding["run_id"], name, args)
         comparison = ensure_comparison(config, workspace, timings, args.recompute)
         summary, records = comparison["summary"], comparison["records"]
-        counts = split_counts(workspace, name)
+        counts = split_counts(workspace, arm["collection"])
         stages = {"ingest_s": collection["seconds"], "embed_s": embedding["seconds"],
+                  "pretrain_s": timings.get(f"pretrain/{arm['collection']}-mae")
+                  if arm["encoder"] == "mae" else None,
                   "compare_s": comparison["seconds"],
                   "selection_s_by_strategy": comparison["selection_seconds"]}
         compute += sum(v or 0.0 for k, v in stages.items() if k.endswith("_s"))
         report["timing"][name] = stages
         train_n = sum(counts.get("train", {}).values())
+        report["validation"] = summary["validation"]
+        report["near_duplicate_cosine"] = summary["test_dropped"]["near_duplicate_cosine"]
         report["datasets"][name] = {
-            "title": DATASETS[name], "collection": name, "embedding_run": embedding["run_id"],
+            "title": arm["title"], "collection": arm["collection"], "encoder": encoder,
+            "protocol": config.model_dump(include=set(PROTOCOL) | set(FINETUNE)),
+            "embedding_run": embedding["run_id"],
             "comparison": config.comparison_id, "classes": summary["classes"],
             "counts": counts, "train_images": train_n,
-            "test_images": sum(counts.get("test", {}).values()),
-            "validation": summary["validation"], "budgets": args.budgets,
+            "val_images": sum(counts.get("val", {}).values()),
+            "test_images": summary["test_images"], "test_dropped": summary["test_dropped"],
+            "validation": summary["validation"], "budgets": config.budgets,
             "metrics": summary["metrics"], "ceiling": summary["ceiling"],
-            "contrasts": contrasts(records, args.strategies, args.budgets)}
+            "contrasts": contrasts(records, config.strategies, config.budgets)}
         for r in records:
             rows.append({"dataset": name, "strategy": r["strategy"], "budget": r["budget"],
                          "seed": r["seed"], "metric": r["metric"], "value": r["value"],
@@ -390,6 +489,7 @@ def main() -> None:
         log(f"{name}: ceiling AUC {fmt(ceiling)}; AUC by budget: " + "; ".join(
             f"N={b} best {c['best']}" for b, c in report["datasets"][name]["contrasts"]["auc"]
             .items()))
+    report["verdict"] = verdict(report)
     wall = time.perf_counter() - started
     report["timing"]["total_compute_s"] = round(compute, 1)
     report["timing"]["this_invocation_s"] = round(wall, 1)
