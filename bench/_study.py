@@ -219,9 +219,12 @@ def ensure_collection(config, workspace, timings: Timings) -> dict:
     key = f"ingest/{config.name}"
     if workspace.exists("collections", config.name):
         record = workspace.provenance("collections", config.name)
-        if record["config"] != config.model_dump():
+        wanted = config.model_dump(exclude={"confine_to"})  # as ingest records it
+        if record["config"] != wanted:
+            differ = sorted(k for k in set(wanted) | set(record["config"])
+                            if record["config"].get(k, "?") != wanted.get(k, "?"))
             sys.exit(f"error: collection {config.name!r} in {workspace.uri} was ingested with "
-                     "other settings; use another --workspace")
+                     f"other settings ({', '.join(differ)}); use another --workspace")
         log(f"ingest {config.name}: reused")
         return {**record["summary"], "reused": True, "seconds": timings.get(key)}
     log(f"ingest {config.name} from {config.source}")
