@@ -26,7 +26,8 @@ class SelectionResult:
     ``reason`` a human-readable sentence per selected row, ``info`` the per-class parameters
     and notes (JSON-ready, for provenance). Strategies that build a 2-D map also fill
     ``coords`` (float32 [N, 2]) and ``point_groups`` (int64 [N]) for EVERY input row, so a
-    report can draw the map coloured by group; group ids are per class. Strategies that
+    report can draw the map coloured by group; group ids are per class (shared by every
+    class where one grouping spans them, as with ``balance_groups``). Strategies that
     synthesise new images (OptiDEL) describe them in ``synthesis``, an object with a
     ``render(load)`` method, since only the caller can read the images.
     """

@@ -87,7 +87,9 @@ def confounder_aware(X, labels, budget_per_class: int, *, seed: int = 0, pca_dim
     (the most central first, then evenly toward the rim); ``quantile-mid`` the mid-points of
     k equal rank bins (the paper's); ``nearest`` the k nearest the centre; ``farthest``
     farthest-point sampling from the one nearest the centre. ``balance_groups``: one
-    grouping over all classes and every class split by the archive-wide group shares.
+    grouping over all classes and every class split by the archive-wide group shares
+    (``allocate_by_shares``: ``allocation`` does not apply, and the noise group gets its
+    archive-wide share like any other group, since a share is what balancing matches).
     Deterministic for a ``seed``. ``coords`` and ``point_groups`` of the result hold every
     row's map position and group.
     """
