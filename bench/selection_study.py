@@ -274,6 +274,13 @@ def diff_text(d: dict | None) -> str:
     return "n/a" if d is None else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def encoder_text(spec: str) -> str:
+    if spec.startswith("mae:"):
+        return (f"{MAE_PRETRAIN['arch']} MAE pretrained here on the train split "
+                f"({MAE_PRETRAIN['img_size']} px, {MAE_PRETRAIN['epochs']} epochs)")
+    return f"{spec} (ImageNet, 224 px)"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     v = report["verdict"]
     parts = ["# Selection study (issue 16)", "",
@@ -314,7 +321,7 @@ def write_markdown(report: dict, path: Path) -> None:
                f"{protocol['patience']}; no ceiling run" if protocol["mode"] == "full" else
                "linear probe on the stored embeddings")
         parts += [f"## {result['title']}", "",
-                  f"Encoder `{result['encoder'].split('/')[-1]}`; {how}; seeds "
+                  f"Encoder {encoder_text(result['encoder'])}; {how}; seeds "
                   f"{result['seeds']}.", "",
                   f"Train {result['train_images']} / validation {result['val_images']} / test "
                   f"{result['test_images']} images, after dropping {dropped['exact']} exact and "
