@@ -202,6 +202,23 @@ def selection_seconds(workspace, records: list[dict]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in totals.items()}
 
 
+def grouping_facts(workspace, records: list[dict]) -> dict:
+    """What the default's grouping found, from its selection at the first seed and largest
+    budget (the map and groups do not depend on the budget): per class the number of groups,
+    the chosen clustering scale and its stability, and the groups' recovery of each metadata
+    column (adjusted Rand index, NMI)."""
+    picks = [r for r in records if r["strategy"] == DEFAULT and r["selection"]]
+    if not picks:
+        return {}
+    first = min(int(r["seed"]) for r in picks)
+    key = max((r for r in picks if int(r["seed"]) == first), key=lambda r: int(r["budget"]))
+    folder = Path(workspace.require("selections", key["selection"]))
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"selection": key["selection"],
+            "groups": {label: len(groups) for label, groups in summary.get("groups", {}).items()},
+            "stability": summary.get("stability", {}), "recovery": summary.get("recovery", {})}
+
+
 def values_of(records: list[dict], strategy: str, budget, metric: str) -> list[float]:
     return list(by_seed(records, strategy, budget, metric).values())
 
@@ -274,6 +291,26 @@ def diff_text(d: dict | None) -> str:
     return "n/a" if d is None else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def grouping_markdown(facts: dict) -> list[str]:
+    """The default's groups per class: how many, how stable, and what metadata they recover."""
+    if not facts.get("groups"):
+        return []
+    columns = sorted({c for per in facts["recovery"].values() for c in per})
+    header = "| class | groups | eps scale (stability) | " + " | ".join(
+        f"{c}: ARI / NMI" for c in columns) + " |"
+    lines = [header, "| --- | --- | --- |" + " --- |" * len(columns)]
+    for label, count in facts["groups"].items():
+        stab = facts["stability"].get(label)
+        chosen = f"{stab['value']} ({stab['stability']:.2f})" if stab else "n/a"
+        cells = [(f"{r['ari']:.2f} / {r['nmi']:.2f}" if (r := facts["recovery"].get(label, {})
+                                                           .get(c)) else "n/a")
+                 for c in columns]
+        lines.append(f"| {label} | {count} | {chosen} | " + " | ".join(cells) + " |")
+    return [f"What `{DEFAULT}` found (its selection `{facts['selection']}`; groups include "
+            "the noise group; ARI 1 = the groups are the column's values, 0 = chance):", "",
+            *lines, ""]
+
+
 def encoder_text(spec: str) -> str:
     if spec.startswith("mae:"):
         return (f"{MAE_PRETRAIN['arch']} MAE pretrained here on the train split "
@@ -299,7 +336,7 @@ def write_markdown(report: dict, path: Path) -> None:
              "Ji et al.'s method as published. The ceiling trains on the whole train split, "
              "class-imbalanced as it is.", "",
              "Clean evaluation: every data set has a fixed validation split for early "
-             f"stopping, {report['validation']}, never part of a budget; HAM10000's splits "
+             f"stopping ({report['validation']}), never part of a budget; HAM10000's splits "
              "group by `lesion_id`; test images that repeat a training or validation image "
              "(the same bytes, or MobileNetV2 embeddings with cosine similarity ≥ "
              f"{report['near_duplicate_cosine']}) are dropped before scoring (counts below). "
@@ -341,6 +378,7 @@ def write_markdown(report: dict, path: Path) -> None:
             parts += [f"{DEFAULT} minus each strategy, AUC (paired by seed, 95% interval):", "",
                       "| N | rank | " + " | ".join(others) + " |",
                       "| --- | --- |" + " --- |" * len(others), *lines, ""]
+        parts += grouping_markdown(result.get("grouping") or {})
     parts += [f"Runtime: {report['timing']['total_compute_s'] / 60:.1f} min of compute "
               f"(ingest + embed + selections + training) on {report['machine']}.", ""]
     path.write_text("\n".join(parts))
@@ -496,7 +534,8 @@ def main() -> None:
             "test_images": summary["test_images"], "test_dropped": summary["test_dropped"],
             "validation": summary["validation"], "budgets": config.budgets,
             "metrics": summary["metrics"], "ceiling": summary["ceiling"],
-            "contrasts": contrasts(records, config.strategies, config.budgets)}
+            "contrasts": contrasts(records, config.strategies, config.budgets),
+            "grouping": grouping_facts(workspace, records)}
         for r in records:
             rows.append({"dataset": name, "strategy": r["strategy"], "budget": r["budget"],
                          "seed": r["seed"], "metric": r["metric"], "value": r["value"],
