@@ -37,6 +37,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 import tempfile
 import time
 from datetime import datetime
@@ -432,7 +433,8 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_xticks(budgets)
         ax.set_xticklabels([str(b) for b in budgets])
         ax.set_ylim(max(0.0, lowest - 0.06), 1.0)
-        ax.set(title=result["title"], xlabel="images per class (N)", ylabel="test AUC")
+        ax.set(title=textwrap.fill(result["title"], 62), xlabel="images per class (N)",
+               ylabel="test AUC")
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
@@ -504,7 +506,7 @@ def main() -> None:
                             "ood": {"held_out_site": HELD_OUT_SITE}},
               "datasets": {}, "timing": {}}
     rows: list[dict] = []
-    compute = 0.0
+    compute, counted = 0.0, set()
     for name in args.datasets:
         arm = ALL[name]
         log(f"== {name}: {arm['title']}")
@@ -521,7 +523,11 @@ def main() -> None:
                   if arm["encoder"] == "mae" else None,
                   "compare_s": comparison["seconds"],
                   "selection_s_by_strategy": comparison["selection_seconds"]}
-        compute += sum(v or 0.0 for k, v in stages.items() if k.endswith("_s"))
+        # Arms that share a collection and encoder share its ingest and embedding: count once.
+        shared = {"ingest_s": arm["collection"], "embed_s": embedding["run_id"]}
+        compute += sum(v or 0.0 for k, v in stages.items() if k.endswith("_s")
+                       and shared.get(k, (name, k)) not in counted)
+        counted.update(shared.values())
         report["timing"][name] = stages
         train_n = sum(counts.get("train", {}).values())
         report["validation"] = summary["validation"]
