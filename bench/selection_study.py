@@ -222,10 +222,6 @@ def grouping_facts(workspace, records: list[dict]) -> dict:
             "stability": summary.get("stability", {}), "recovery": summary.get("recovery", {})}
 
 
-def values_of(records: list[dict], strategy: str, budget, metric: str) -> list[float]:
-    return list(by_seed(records, strategy, budget, metric).values())
-
-
 def by_seed(records: list[dict], strategy: str, budget, metric: str) -> dict[int, float]:
     return {int(r["seed"]): float(r["value"]) for r in records if r["strategy"] == strategy
             and (budget is None or int(r["budget"]) == budget) and r["metric"] == metric
