@@ -46,6 +46,7 @@ from medcurate.select.base import (ALLOCATIONS, ClassPick, Gather, SelectionResu
 WITHIN = ("herding", "quantile", "quantile-mid", "nearest", "farthest")
 DISTANCE_SPACES = ("map", "embedding")
 
+
 def class_groups(Xc: np.ndarray, *, seed: int, pca_dims: int, n_neighbors: int,
                  min_dist: float, method: str, cluster_params: dict | None, fit_sample: int,
                  transform_map: TransformMap | None) -> tuple[np.ndarray, np.ndarray, dict]:
