@@ -22,7 +22,7 @@ from medcurate.embed import embed
 from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest, read_manifest
 from medcurate.train.audit import audit
-from medcurate.train.compare import compare_selections
+from medcurate.train.compare import _drop_training_duplicates, compare_selections
 from medcurate.train.evaluation import (check_metrics, classification_metrics,
                                         duplicates_of_training, fold_plan, mean_interval,
                                         paired_auc_permutation)
@@ -139,6 +139,20 @@ def test_duplicates_of_training_finds_exact_and_near_copies():
     assert found["near"].tolist() == [False] * 3 + [True] * 3 + [False] * 4
     exact_only = duplicates_of_training(test_sha, sha, test, train, 1.0)
     assert not exact_only["near"].any()
+
+
+def test_a_test_split_made_only_of_training_copies_is_refused():
+    seen = pa.table({"id": ["a", "b"], "sha256": ["s1", "s2"]})
+    by_id = {"a": np.ones(4, np.float32), "b": np.arange(4, dtype=np.float32)}
+    copies = pa.table({"id": ["a"], "sha256": ["s1"]})
+    with pytest.raises(MedcurateError, match="every test image repeats a training or "
+                                             "validation image"):
+        _drop_training_duplicates(copies, seen, by_id, 0.99)
+    by_id["c"] = np.array([1, -1, 1, -1], np.float32)  # unlike any training image
+    kept, dropped = _drop_training_duplicates(
+        pa.table({"id": ["a", "c"], "sha256": ["s1", "s9"]}), seen, by_id, 0.99)
+    assert kept.column("id").to_pylist() == ["c"]
+    assert dropped == {"exact": 1, "near": 0, "near_duplicate_cosine": 0.99}
 
 
 @pytest.mark.parametrize("args, message", [
