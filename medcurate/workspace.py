@@ -7,8 +7,9 @@ of small commit objects::
     <kind>/<key>/versions/<version>/   the artefact's files, provenance.json among them
     <kind>/<key>/commits/<seq>.json    {"version": …}: the highest seq names the live version
 
-Kinds: collections, embeddings, selections, models, scores, audits, comparisons; ``jobs/<id>/``
-is scratch (Ray Train storage), not versioned.
+Kinds: collections, embeddings, selections, maps (a run's class maps, reused by later
+selections), models, scores, audits, comparisons; ``jobs/<id>/`` is scratch (Ray Train storage),
+not versioned.
 
 Why this shape: object stores have no directory rename and no atomic multi-file publish, but
 S3 (``If-None-Match: *``), GCS (generation precondition) and a local disk (``link``) can all
@@ -41,8 +42,8 @@ import pyarrow.parquet as pq
 
 from medcurate.errors import AlreadyExists, MedcurateError, NotFound
 
-ARTEFACT_KINDS = ("collections", "embeddings", "selections", "models", "scores", "audits",
-                  "comparisons")
+ARTEFACT_KINDS = ("collections", "embeddings", "selections", "maps", "models", "scores",
+                  "audits", "comparisons")
 SCRATCH_KIND = "jobs"
 PROVENANCE_FILE = "provenance.json"
 VERSIONS_DIR = "versions"
@@ -315,9 +316,14 @@ class Workspace:
             self._prune_empty(kind, key)
             raise
 
-    def publish(self, kind: str, key: str, folder: str, overwrite: bool = False) -> None:
+    def publish(self, kind: str, key: str, folder: str, overwrite: bool = False,
+                based_on: Head | None = None) -> None:
         """Make a draft version live: record the sha256 and size of every file in its
-        ``provenance.json``, then write the commit object last, create-if-absent."""
+        ``provenance.json``, then write the commit object last, create-if-absent.
+
+        ``based_on``: the version the draft was derived from (``amend``); the commit is then
+        ``based_on.seq + 1`` exactly, so a writer that published in between wins and this
+        draft is refused with ``AlreadyExists``, never laid over the newer version."""
         provenance_path = f"{folder}/{PROVENANCE_FILE}"
         if not self.is_file(provenance_path):
             raise RuntimeError(f"staged {kind[:-1]} {key!r} has no provenance")
@@ -325,7 +331,7 @@ class Workspace:
         if isinstance(record, dict):
             record["outputs"] = self._hash_outputs(folder, record.get("outputs") or {})
             self.write_json(provenance_path, record)
-        head = self.head(kind, key)
+        head = self.head(kind, key) if based_on is None else based_on
         if head is not None and not overwrite:
             raise AlreadyExists(f"{kind[:-1]} {key!r} already exists in {self.uri}; "
                                 "pass --overwrite to replace it or choose another name")
@@ -337,6 +343,38 @@ class Workspace:
             raise AlreadyExists(f"{kind[:-1]} {key!r} was published by another writer at the "
                                 "same time; this run published nothing")
         self.sweep(kind, key)
+
+    def amend(self, kind: str, key: str, files: dict[str, bytes]) -> bool:
+        """Publish a new version of a live artefact: its files with ``files`` added (or
+        replaced), the provenance's hashes brought up to date. For what is made later from a
+        published artefact, such as a selection's report drawn after the selection was
+        answered. False, and nothing changed, where another writer published the artefact
+        since this call read it: the added files describe a version that is no longer live."""
+        head = self.head(kind, key)
+        if head is None:
+            raise NotFound(f"no {kind[:-1]} named {key!r} in workspace {self.uri}")
+        source = self.version_folder(kind, key, head.version)
+        folder = self.new_draft(kind, key)
+        try:
+            for info in self.fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+                name = info.path[len(source) + 1:]
+                top = name.split("/", 1)[0]
+                if info.type != pafs.FileType.File or name in files or \
+                        (not head.version and top in (VERSIONS_DIR, COMMITS_DIR)):
+                    continue
+                if self.is_local:
+                    self.fs.create_dir(f"{folder}/{name}".rsplit("/", 1)[0], recursive=True)
+                self.fs.copy_file(info.path, f"{folder}/{name}")
+            for name, data in files.items():
+                self.write_bytes(f"{folder}/{name}", data)
+            self.publish(kind, key, folder, overwrite=True, based_on=head)
+            return True
+        except AlreadyExists:
+            self._delete_quietly(folder, directory=True)
+            return False
+        except BaseException:
+            self._delete_quietly(folder, directory=True)
+            raise
 
     def _hash_outputs(self, folder: str, declared: dict) -> dict:
         """Every file of the version except the sidecar, hashed here: what a writer declared

@@ -222,6 +222,40 @@ def test_gc_removes_superseded_versions_and_old_commits_but_never_the_live_one(s
     assert _read_artefact(ws, "c1") == ("v3",) * 3
 
 
+def test_amend_adds_a_file_as_a_new_version_and_loses_to_a_newer_writer(store_ws):
+    """What is made later from an artefact (a selection's report) is added as a new whole
+    version: the earlier files carried over, every hash brought up to date. Where another
+    writer published the artefact after the amend read it, the amend publishes nothing."""
+    import hashlib
+
+    from artefacts import assert_outputs_match_their_hashes
+
+    ws = store_ws
+    _publish(ws, "c1", "original")
+    before = ws.head("collections", "c1")
+    assert ws.amend("collections", "c1", {"report.html": b"<html>drawn later</html>"})
+    assert ws.head("collections", "c1").seq == before.seq + 1
+    assert _read_artefact(ws, "c1") == ("original",) * 3
+    record = assert_outputs_match_their_hashes(ws, "collections", "c1")
+    assert record["outputs"]["report.html"]["sha256"] == hashlib.sha256(
+        b"<html>drawn later</html>").hexdigest()
+
+    def overwrite_first(kind, key, folder, overwrite=False, based_on=None):
+        """An overwrite lands between the amend's read and its commit."""
+        del ws.publish  # the overwrite itself publishes as usual
+        _publish(ws, "c1", "newer", overwrite=True)
+        return ws.publish(kind, key, folder, overwrite=overwrite, based_on=based_on)
+
+    ws.publish = overwrite_first
+    assert not ws.amend("collections", "c1", {"late.txt": b"for the older version"})
+    assert "publish" not in vars(ws)
+    assert _read_artefact(ws, "c1") == ("newer",) * 3
+    assert not ws.is_file(ws.path("collections", "c1", "late.txt"))
+    assert len(_versions(ws, "c1")) == 3  # original, amended, newer: the loser's draft is gone
+    with pytest.raises(NotFound):
+        ws.amend("collections", "missing", {"x": b""})
+
+
 def test_write_bytes_on_a_local_disk_leaves_no_temporary_file(tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     target = f"{ws.root}/jobs/j1/file.bin"
