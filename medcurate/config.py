@@ -230,6 +230,11 @@ class SelectConfig(CommandConfig):
                                     "graph size (facility-location, typicality; default 20); "
                                     f"at most {MAX_NEIGHBORS}.")
     min_dist: float | None = Field(None, ge=0, description="UMAP min_dist (default 0.1).")
+    map_seed: int | None = Field(None, ge=0, description="Seed of the 2-D maps and their "
+                                 "groups (confounder-aware, cluster-random; default 0). Not "
+                                 "--seed: a map describes the archive, so selections of any "
+                                 "budget or seed share it (stored beside the run, computed "
+                                 "once).")
     fit_sample: int | None = Field(None, ge=100, le=MAX_FIT_SAMPLE, description="Above this "
                                    "many images in a class UMAP is fitted on a sample and the "
                                    "rest transformed in parallel on Ray (default 20000; at most "
@@ -276,7 +281,7 @@ class SelectConfig(CommandConfig):
 
     def strategy_params(self) -> dict:
         names = ("method", "within", "allocation", "pca_dims", "n_neighbors", "min_dist",
-                 "fit_sample", "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
+                 "map_seed", "fit_sample", "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
                  "patch_size", "min_content")
         params = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {**params, "balance_groups": True} if self.balance_groups else params

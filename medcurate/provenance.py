@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 import medcurate
@@ -69,3 +70,16 @@ class Provenance(BaseModel):
     model: dict[str, Any] | None = None
     seed: int | None = None
     summary: dict[str, Any] = Field(default_factory=dict)
+
+
+def json_ready(value):
+    """Plain JSON types all the way down (numpy scalars and arrays become Python ones)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

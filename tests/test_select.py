@@ -52,13 +52,15 @@ def data():
 
 @pytest.fixture(scope="module")
 def confounder_runs(data):
-    """confounder-aware at N=20: seed 0 on every class, then class0 alone with seeds 0 and 1
-    (each class's seed derives from the seed and its label, so class0 alone must repeat)."""
+    """confounder-aware at N=20: map seed 0 on every class, then class0 alone with map seeds
+    0 and 1 (each class's map seed derives from the map seed and its label, so class0 alone
+    must repeat), then class0 with another selection seed and map seed 0."""
     X, labels, _ = data
     only = labels == "class0"
     return (confounder_aware(X, labels, BUDGET, seed=0),
             confounder_aware(X[only], labels[only], BUDGET, seed=0),
-            confounder_aware(X[only], labels[only], BUDGET, seed=1))
+            confounder_aware(X[only], labels[only], BUDGET, seed=0, map_seed=1),
+            confounder_aware(X[only], labels[only], BUDGET, seed=7))
 
 
 def per_class_counts(result, labels, sub) -> dict[str, tuple[int, int]]:
@@ -95,13 +97,15 @@ def test_confounder_aware_covers_rare_subgroup_and_keeps_proportions(data, confo
 
 def test_confounder_aware_same_seed_same_selection(data, confounder_runs):
     _, labels, _ = data
-    everything, alone, other_seed = confounder_runs
+    everything, alone, other_map, other_seed = confounder_runs
     only = labels == "class0"
     first = labels[everything.indices] == "class0"
     np.testing.assert_array_equal(everything.indices[first], alone.indices)
     np.testing.assert_array_equal(everything.coords[only], alone.coords)
     assert [r for r, f in zip(everything.reason, first) if f] == alone.reason
-    assert not np.array_equal(alone.coords, other_seed.coords)  # the seed reaches the map
+    assert not np.array_equal(alone.coords, other_map.coords)  # the map seed reaches the map
+    np.testing.assert_array_equal(alone.coords, other_seed.coords)  # the selection seed not
+    np.testing.assert_array_equal(alone.indices, other_seed.indices)  # herding: no draw
 
 
 def test_confounder_aware_exposes_map_and_groups(data, confounder_runs):

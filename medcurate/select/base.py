@@ -260,9 +260,10 @@ def herd(P: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
     total = np.zeros_like(mean)
     taken = np.zeros(len(P), dtype=bool)
     picks, gaps = [], []
+    distances = backends.DistancesTo(P)
     for t in range(1, k + 1):
         # argmin_x |mean - (total + x) / t|  ==  the row nearest t·mean − total
-        sq = backends.sq_dists((t * mean - total)[None, :], P)[0]
+        sq = distances(t * mean - total)
         sq[taken] = np.inf
         new = int(np.argmin(sq))
         taken[new] = True

@@ -16,7 +16,7 @@ from medcurate import backends
 from medcurate.reduce import TransformMap
 from medcurate.select.base import (ClassPick, SelectionResult, allocate, class_rows,
                                    derive_seed, herd, per_class, run_info, validate_inputs)
-from medcurate.select.confounder import class_groups, group_label
+from medcurate.select.confounder import MapStore, class_groups, class_map_seeds, group_label
 
 
 def random_uniform(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResult:
@@ -63,16 +63,17 @@ def kcenter_greedy(Xc: np.ndarray, k: int, *, centre: str = "the mean") -> Class
     """``k`` rows of ``Xc`` by k-center greedy: the row nearest the mean, then each time the
     row farthest from every earlier pick. O(N) memory: one running distance vector.
     ``centre`` names the mean in the first pick's reason."""
-    first = int(np.argmin(backends.sq_dists(Xc.mean(axis=0, keepdims=True), Xc)[0]))
+    distances = backends.DistancesTo(Xc)
+    first = int(np.argmin(distances(Xc.mean(axis=0))))
     picks, reasons = [first], [f"k-center pick 1 (nearest {centre})"]
-    nearest = backends.sq_dists(Xc[first:first + 1], Xc)[0]
+    nearest = distances(Xc[first])
     nearest[first] = -1.0
     for t in range(1, k):
         new = int(np.argmax(nearest))
         reasons.append(f"k-center pick {t + 1} ({np.sqrt(nearest[new]):.3g} from the "
                        "nearest earlier pick)")
         picks.append(new)
-        nearest = np.minimum(nearest, backends.sq_dists(Xc[new:new + 1], Xc)[0])
+        nearest = np.minimum(nearest, distances(Xc[new]))
         nearest[new] = -1.0
     return ClassPick(indices=np.asarray(picks[:k], dtype=np.int64), reason=reasons[:k])
 
@@ -177,18 +178,21 @@ def typicality(X, labels, budget_per_class: int, *, seed: int = 0,
 def cluster_random(X, labels, budget_per_class: int, *, seed: int = 0, pca_dims: int = 50,
                    n_neighbors: int = 15, min_dist: float = 0.1, method: str = "dbscan",
                    cluster_params: dict | None = None, fit_sample: int = 20_000,
-                   transform_map: TransformMap | None = None) -> SelectionResult:
-    """Cluster-stratified random: the confounder-aware groups and budget split, but uniform
-    random picks within each group. Separates the value of the groups from that of the
-    distance-quantile picks."""
+                   map_seed: int = 0, transform_map: TransformMap | None = None,
+                   map_store: MapStore | None = None) -> SelectionResult:
+    """Cluster-stratified random: the confounder-aware groups and budget split (the same
+    maps, seeded by ``map_seed``), but uniform random picks within each group, seeded by
+    ``seed``. Separates the value of the groups from that of the picks within them."""
     params = {"pca_dims": pca_dims, "n_neighbors": n_neighbors, "min_dist": min_dist,
-              "method": method, "cluster_params": cluster_params, "fit_sample": fit_sample}
+              "method": method, "cluster_params": cluster_params, "fit_sample": fit_sample,
+              "map_seed": map_seed}
+    map_seeds = class_map_seeds(map_seed, labels)
 
     def pick(Xc: np.ndarray, k: int, class_seed: int) -> ClassPick:
         coords, groups, info = class_groups(
-            Xc, seed=class_seed, pca_dims=pca_dims, n_neighbors=n_neighbors,
+            Xc, seed=next(map_seeds), pca_dims=pca_dims, n_neighbors=n_neighbors,
             min_dist=min_dist, method=method, cluster_params=cluster_params,
-            fit_sample=fit_sample, transform_map=transform_map)
+            fit_sample=fit_sample, transform_map=transform_map, map_store=map_store)
         sizes, noise_group = info["cluster"]["sizes"], info["cluster"]["noise_group"]
         info["allocation"] = allocate(sizes, k, noise_group=noise_group)
         rng = np.random.default_rng(class_seed)

@@ -32,6 +32,7 @@ one pick, the median-distance image). The study compares both.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -47,11 +48,34 @@ WITHIN = ("herding", "quantile", "quantile-mid", "nearest", "farthest")
 DISTANCE_SPACES = ("map", "embedding")
 
 
+ClassMap = tuple[np.ndarray, np.ndarray, dict]  # coords [n, 2], groups [n], info
+# ``store(Xc, params, compute)``: the map ``compute()`` makes of ``Xc`` with ``params`` (its
+# seed among them), from a store where it was made before, else computed and kept.
+MapStore = Callable[[np.ndarray, dict, Callable[[], ClassMap]], ClassMap]
+
+
 def class_groups(Xc: np.ndarray, *, seed: int, pca_dims: int, n_neighbors: int,
                  min_dist: float, method: str, cluster_params: dict | None, fit_sample: int,
-                 transform_map: TransformMap | None) -> tuple[np.ndarray, np.ndarray, dict]:
+                 transform_map: TransformMap | None,
+                 map_store: MapStore | None = None) -> ClassMap:
     """One class's 2-D map and groups: ``(coords [n, 2], groups [n], info)``; ``info`` keeps
-    each stage's parameters and wall seconds, for provenance and the scale benchmark."""
+    each stage's parameters and wall seconds, for provenance and the scale benchmark.
+
+    The map depends only on the rows, the parameters and the seed, so a ``map_store`` may
+    return one made before (a second selection with another budget skips UMAP)."""
+    params = {"seed": seed, "pca_dims": pca_dims, "n_neighbors": n_neighbors,
+              "min_dist": min_dist, "method": method, "cluster_params": cluster_params,
+              "fit_sample": fit_sample}
+
+    def compute() -> ClassMap:
+        return _map_and_groups(Xc, transform_map=transform_map, **params)
+
+    return compute() if map_store is None else map_store(Xc, params, compute)
+
+
+def _map_and_groups(Xc: np.ndarray, *, seed: int, pca_dims: int, n_neighbors: int,
+                    min_dist: float, method: str, cluster_params: dict | None, fit_sample: int,
+                    transform_map: TransformMap | None) -> ClassMap:
     start = time.perf_counter()
     coords, reduce_info = reduce_to_2d(Xc, pca_dims=pca_dims, n_neighbors=n_neighbors,
                                        min_dist=min_dist, seed=seed, fit_sample=fit_sample,
@@ -60,7 +84,8 @@ def class_groups(Xc: np.ndarray, *, seed: int, pca_dims: int, n_neighbors: int,
     groups, cluster_info = find_groups(coords, method=method, params=cluster_params, seed=seed)
     seconds = {"reduce": round(reduced - start, 3),
                "cluster": round(time.perf_counter() - reduced, 3)}
-    return coords, groups, {"reduce": reduce_info, "cluster": cluster_info, "seconds": seconds}
+    return coords, groups, {"map_seed": seed, "reduce": reduce_info, "cluster": cluster_info,
+                            "seconds": seconds}
 
 
 def group_label(group: int, size: int, noise_group: int | None) -> str:
@@ -74,7 +99,8 @@ def confounder_aware(X, labels, budget_per_class: int, *, seed: int = 0, pca_dim
                      cluster_params: dict | None = None, within: str = "herding",
                      distance_space: str = "embedding", allocation: str = "share",
                      balance_groups: bool = False, fit_sample: int = 20_000,
-                     transform_map: TransformMap | None = None) -> SelectionResult:
+                     map_seed: int = 0, transform_map: TransformMap | None = None,
+                     map_store: MapStore | None = None) -> SelectionResult:
     """Select ``budget_per_class`` rows per class that keep the class's sub-group
     proportions, cover the sub-groups that earn a pick, and start each group at its most
     typical image (see the module docstring).
@@ -91,22 +117,28 @@ def confounder_aware(X, labels, budget_per_class: int, *, seed: int = 0, pca_dim
     grouping over all classes and every class split by the archive-wide group shares
     (``allocate_by_shares``: ``allocation`` does not apply, and the noise group gets its
     archive-wide share like any other group, since a share is what balancing matches).
-    Deterministic for a ``seed``. ``coords`` and ``point_groups`` of the result hold every
-    row's map position and group.
+    ``map_seed`` seeds the maps (one per class, derived from it and the label), not
+    ``seed``: a map describes the archive, so selections of any budget and seed share it, the
+    report's map stays put, and a ``map_store`` serves it to them without another UMAP; vary
+    ``map_seed`` to see the spread over maps. Deterministic for a ``map_seed`` (and ``seed``,
+    for what draws at random). ``coords`` and ``point_groups`` of the result hold every row's
+    map position and group.
     """
     return _confounder_aware("confounder-aware", X, labels, budget_per_class, seed=seed,
                              pca_dims=pca_dims, n_neighbors=n_neighbors, min_dist=min_dist,
                              method=method, cluster_params=cluster_params, within=within,
                              distance_space=distance_space, allocation=allocation,
                              balance_groups=balance_groups, fit_sample=fit_sample,
-                             transform_map=transform_map)
+                             map_seed=map_seed, transform_map=transform_map,
+                             map_store=map_store)
 
 
 def confounder_aware_paper(X, labels, budget_per_class: int, *, seed: int = 0,
                            pca_dims: int = 50, n_neighbors: int = 15, min_dist: float = 0.1,
                            method: str = "dbscan", cluster_params: dict | None = None,
-                           fit_sample: int = 20_000,
-                           transform_map: TransformMap | None = None) -> SelectionResult:
+                           fit_sample: int = 20_000, map_seed: int = 0,
+                           transform_map: TransformMap | None = None,
+                           map_store: MapStore | None = None) -> SelectionResult:
     """Ji et al.'s confounder-aware selection as published: the same map and groups, the
     ``paper`` allocation (one pick per group while the budget allows, noise included) and
     ``quantile-mid`` picks in the 2-D map."""
@@ -115,7 +147,8 @@ def confounder_aware_paper(X, labels, budget_per_class: int, *, seed: int = 0,
                              method=method, cluster_params=cluster_params,
                              within="quantile-mid", distance_space="map", allocation="paper",
                              balance_groups=False, fit_sample=fit_sample,
-                             transform_map=transform_map)
+                             map_seed=map_seed, transform_map=transform_map,
+                             map_store=map_store)
 
 
 def _confounder_aware(strategy: str, X, labels, budget_per_class: int, *, seed: int,
@@ -124,15 +157,18 @@ def _confounder_aware(strategy: str, X, labels, budget_per_class: int, *, seed: 
     _check_choice("within", within, WITHIN)
     _check_choice("distance_space", distance_space, DISTANCE_SPACES)
     _check_choice("allocation", allocation, ALLOCATIONS)
-    params = {**{k: v for k, v in map_params.items() if k != "transform_map"},
+    map_seed = map_params.pop("map_seed")
+    params = {**{k: v for k, v in map_params.items() if k not in RUNTIME_PARAMS},
               "within": within, "distance_space": distance_space, "allocation": allocation,
-              "balance_groups": balance_groups}
+              "balance_groups": balance_groups, "map_seed": map_seed}
     if balance_groups:
-        return _balanced(strategy, X, labels, budget_per_class, seed=seed, within=within,
-                         distance_space=distance_space, params=params, map_params=map_params)
+        return _balanced(strategy, X, labels, budget_per_class, seed=seed, map_seed=map_seed,
+                         within=within, distance_space=distance_space, params=params,
+                         map_params=map_params)
+    map_seeds = class_map_seeds(map_seed, labels)
 
     def pick(Xc: np.ndarray, k: int, class_seed: int) -> ClassPick:
-        coords, groups, info = class_groups(Xc, seed=class_seed, **map_params)
+        coords, groups, info = class_groups(Xc, seed=next(map_seeds), **map_params)
         space = coords if distance_space == "map" else Xc
         info["allocation"] = allocate(info["cluster"]["sizes"], k, rule=allocation,
                                       noise_group=info["cluster"]["noise_group"])
@@ -145,12 +181,23 @@ def _confounder_aware(strategy: str, X, labels, budget_per_class: int, *, seed: 
                      params=params)
 
 
-def _balanced(strategy: str, X, labels, budget_per_class: int, *, seed: int, within: str,
-              distance_space: str, params: dict, map_params: dict) -> SelectionResult:
+RUNTIME_PARAMS = ("transform_map", "map_store")  # how to run, not what to compute
+
+
+def class_map_seeds(map_seed: int, labels):
+    """The seed of each class's map, in the order ``per_class`` visits the classes (sorted
+    labels): derived from ``map_seed`` and the label, so a class keeps its map whatever the
+    selection's own seed."""
+    return iter([derive_seed(map_seed, label) for label, _ in class_rows(np.asarray(labels))])
+
+
+def _balanced(strategy: str, X, labels, budget_per_class: int, *, seed: int, map_seed: int,
+              within: str, distance_space: str, params: dict,
+              map_params: dict) -> SelectionResult:
     """One map and grouping over every class; each class's budget split by the groups'
     archive-wide shares, capped by what the class holds of each group."""
     X, labels = validate_inputs(X, labels, budget_per_class)
-    map_seed = derive_seed(seed, "all classes")
+    map_seed = derive_seed(map_seed, "all classes")
     coords, groups, map_info = class_groups(X, seed=map_seed, **map_params)
     sizes = np.asarray(map_info["cluster"]["sizes"])
     shares = sizes / sizes.sum()
@@ -227,7 +274,8 @@ def order_within(P: np.ndarray, k: int, within: str) -> tuple[np.ndarray, list[s
 
 def _farthest_points(P: np.ndarray, k: int, start: int) -> tuple[np.ndarray, list[str]]:
     picks = [start]
-    nearest = backends.sq_dists(P[start:start + 1], P)[0]
+    distances = backends.DistancesTo(P)
+    nearest = distances(P[start])
     nearest[start] = -1.0  # never picked again, even among exact duplicates
     reasons = ["farthest-point pick 1 (nearest the centre)"]
     for t in range(1, k):
@@ -235,6 +283,6 @@ def _farthest_points(P: np.ndarray, k: int, start: int) -> tuple[np.ndarray, lis
         reasons.append(f"farthest-point pick {t + 1} ({np.sqrt(nearest[new]):.3g} from "
                        "earlier picks)")
         picks.append(new)
-        nearest = np.minimum(nearest, backends.sq_dists(P[new:new + 1], P)[0])
+        nearest = np.minimum(nearest, distances(P[new]))
         nearest[new] = -1.0
     return np.asarray(picks, dtype=np.int64), reasons

@@ -25,6 +25,7 @@ from medcurate.errors import MedcurateError
 from medcurate.ingest import read_manifest
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
+from medcurate.select import strategy_params
 from medcurate.select.run import read_selection, run_selection
 from medcurate.train.evaluation import (classification_metrics, duplicates_of_training,
                                         fold_plan, mean_interval)
@@ -74,13 +75,19 @@ class _Trainer:
 
 def _selection(config: CompareConfig, workspace: Workspace, strategy: str, budget: int,
                seed: int, comparison_id: str) -> str:
-    """The selection's id, made now or reused when an identical one exists."""
+    """The selection's id, made now or reused when an identical one exists. A strategy that
+    draws maps draws them with the seed too (``map_seed``): the spread over seeds is then
+    the spread over maps, which is most of what varies in a confounder-aware selection."""
     key = validate_key(f"{comparison_id[:90]}-{strategy}-n{budget}-s{seed}")
+    map_seed = seed if "map_seed" in strategy_params(strategy) else None
     select = SelectConfig(embedding_run=config.embedding_run, budget_per_class=budget,
-                          strategy=strategy, seed=seed, splits=["train"], selection_id=key,
-                          overwrite=config.overwrite)
+                          strategy=strategy, seed=seed, map_seed=map_seed, splits=["train"],
+                          selection_id=key, overwrite=config.overwrite)
     if workspace.exists("selections", key) and not config.overwrite:
-        if workspace.provenance("selections", key)["config"] == select.model_dump():
+        recorded = workspace.provenance("selections", key)["config"]
+        # fields added to the config since the selection was made count as their defaults
+        if all(recorded.get(name) == value for name, value in select.model_dump().items()
+               if name in recorded or value is not None):
             return key
         raise MedcurateError(f"selection {key!r} exists with other parameters; pass --overwrite")
     run_selection(select, workspace)
