@@ -71,6 +71,14 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
         actors = max(1, cpus // threads)
         return StageResources(num_cpus=max(0.5, min(threads, node - 1)),
                               batch_size=batch_size or 32, concurrency=actors, threads=threads)
+    if stage == "serve_replica":
+        # Selections in the request run on the replica's threads under one GIL, with BLAS and
+        # OpenMP held to one thread (``threads``): one CPU. On a node of 2 it declares half,
+        # so a job's 1-CPU task still fits beside it (else jobs wait on the replica forever).
+        return StageResources(num_cpus=1.0 if (largest_node_cpus() or cpus) >= 4 else 0.5,
+                              threads=1)
+    if stage == "report":  # one selection's report.html: matplotlib and JPEG, one thread
+        return StageResources(num_cpus=0.5, threads=1)
     raise ValueError(f"unknown stage {stage!r}")
 
 

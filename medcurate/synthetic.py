@@ -36,7 +36,7 @@ def _output(data: bytes, rows: int | None = None) -> OutputRef:
 
 def write_collection(workspace: Workspace, name: str, labels: list[str],
                      metadata: dict[str, list] | None = None) -> str:
-    """Publish collection ``name`` of ``len(labels)`` image-less rows; returns its manifest's
+    """Publish (or replace) collection ``name`` of ``len(labels)`` image-less rows; returns its manifest's
     sha256."""
     n = len(labels)
     ids = [f"{name}-{i:08d}" for i in range(n)]
@@ -46,7 +46,7 @@ def write_collection(workspace: Workspace, name: str, labels: list[str],
         "split": ["train"] * n, **{column: pa.array(values)
                                    for column, values in (metadata or {}).items()}})
     data = _parquet_bytes(manifest)
-    with workspace.stage("collections", name) as staging:
+    with workspace.stage("collections", name, overwrite=True) as staging:
         workspace.write_bytes(f"{staging}/{MANIFEST_FILE}", data)
         record = Provenance(
             kind="collection", key=name, started_at=utc_now(), config={"synthetic": True},

@@ -30,7 +30,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pyarrow.csv as pacsv
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -47,7 +47,11 @@ from medcurate.errors import AlreadyExists, MedcurateError, NotFound
 from medcurate.workspace import ARTEFACT_KINDS, Workspace
 from service.jobs import TERMINAL, JobsGateway, JobsUnavailable, QuotaExceeded
 from service.paths import PathPolicy, PathRefused, refuse_relative
+from service.reports import ReportDrawer
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from medcurate.select.run import InputsCache
 
 logger = logging.getLogger("medcurate.service")
 
@@ -59,7 +63,7 @@ MAX_WAITING = 64  # ?wait=true requests a replica holds at once; more answer 202
 WAIT_POLL_S = (0.5, 5.0)  # first and longest interval between polls of a waited-for job
 # Artefact kinds with generic list and detail routes; jobs are Ray's (see /v1/jobs).
 LISTED_KINDS = tuple(kind for kind in ARTEFACT_KINDS if kind != "jobs")
-REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+REPORT_RETRY_S = 2  # what a 202 for a report being drawn asks a client to wait
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Service:
     workspace: Workspace
     paths: PathPolicy
     jobs: JobsGateway
+    inputs: InputsCache  # recently used embedding runs, in memory
+    reports: ReportDrawer
 
 
 def service(request: Request) -> Service:
@@ -227,7 +233,8 @@ def accepted(job_id: str, kind: str) -> JSONResponse:
                                                 **QUOTA_RESPONSE})
 def select(body: SelectRequest, svc: ServiceDep, response: Response):
     """Select in the request when the run has at most ``sync_select_max_rows`` rows (201, the
-    selection); else submit it as a job (202, the job)."""
+    selection; its report is drawn on the first ``GET …/report``); else submit it as a job
+    (202, the job). The run is read once and kept in the replica's memory (``InputsCache``)."""
     from medcurate.select.run import run_selection
 
     page = checked_page(svc.settings, body.page, body.page_size)
@@ -236,7 +243,7 @@ def select(body: SelectRequest, svc: ServiceDep, response: Response):
     rows = _record(svc.workspace, "embeddings", config.embedding_run)["summary"]["rows"]
     if rows > svc.settings.sync_select_max_rows:
         return accepted(submit(svc, "select", config), "select")
-    summary = run_selection(config, svc.workspace)
+    summary = run_selection(config, svc.workspace, inputs=svc.inputs, report=False)
     response.headers["Location"] = f"/v1/selections/{summary['selection_id']}"
     return selection_body(svc.workspace, summary["selection_id"], page, summary)
 
@@ -265,14 +272,22 @@ def get_manifest(selection_id: str, svc: ServiceDep,
                         headers=headers)
 
 
-@v1.get("/selections/{selection_id}/report", response_class=HTMLResponse)
-def get_report(selection_id: str, svc: ServiceDep) -> HTMLResponse:
-    """``report.html``, served with a policy that lets no script run."""
+@v1.get("/selections/{selection_id}/report", response_class=HTMLResponse,
+        responses={202: {"description": "Being drawn; see Retry-After"}})
+def get_report(selection_id: str, svc: ServiceDep):
+    """``report.html``, served with a policy that runs the page's own inline scripts (its
+    interactive maps) and nothing else. A selection made over HTTP has its report drawn on
+    the first request for it, as a Ray task: 202 with ``Retry-After`` until it is there."""
+    from medcurate.report import report_policy
     from medcurate.select.run import REPORT_FILE
 
-    path = f"{svc.workspace.require('selections', selection_id)}/{REPORT_FILE}"
-    with svc.workspace.fs.open_input_stream(path) as stream:
-        return HTMLResponse(stream.read(), headers={"Content-Security-Policy": REPORT_POLICY})
+    if not svc.reports.ready(selection_id):
+        return JSONResponse(status_code=202, headers={"Retry-After": str(REPORT_RETRY_S)},
+                            content={"selection_id": selection_id, "status": "drawing",
+                                     "retry_after_s": REPORT_RETRY_S})
+    page = svc.workspace.read_bytes(svc.workspace.path("selections", selection_id,
+                                                       REPORT_FILE))
+    return HTMLResponse(page, headers={"Content-Security-Policy": report_policy(page)})
 
 
 @v1.post("/transferability", responses={202: {"description": "Submitted; not finished yet"},
@@ -477,12 +492,16 @@ class Shield:
 
 
 def create_api(settings: Settings) -> FastAPI:
+    from medcurate.select.run import InputsCache
+
     api = FastAPI(title="medcurate", version=medcurate.__version__,
                   description=__doc__.split("\n\n")[1],
                   default_response_class=FiniteJSONResponse)
-    api.state.service = Service(settings, Workspace(settings.workspace),
+    workspace = Workspace(settings.workspace)
+    api.state.service = Service(settings, workspace,
                                 PathPolicy([*settings.data_roots, settings.workspace]),
-                                JobsGateway(settings.jobs_address, settings.job_cpus))
+                                JobsGateway(settings.jobs_address, settings.job_cpus),
+                                InputsCache(settings.run_cache_bytes), ReportDrawer(workspace))
     api.state.waiting = 0  # ?wait=true requests now waiting (see transferability)
     api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     api.add_middleware(Shield)  # outermost: also covers the body limit

@@ -19,15 +19,17 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
+from medcurate.runtime import stage_resources
 from service.api import create_api
 from service.settings import Settings
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
+@serve.deployment(max_ongoing_requests=128)
 @serve.ingress()
 class MedcurateAPI:
-    """A tenth of a CPU: on a small node the jobs it submits need the rest (Ray deadlocks on 2
-    CPUs when actors hold them all). 128 requests at once: ``?wait=true`` waits hold no thread
+    """CPUs as ``runtime.stage_resources("serve_replica")`` declares them (``application``):
+    selections run in the request on its threads, one CPU's worth. 128 requests at once:
+    ``?wait=true`` waits hold no thread
     (at most ``service.api.MAX_WAITING`` of them), ``/v1/health`` runs on the event loop, and
     the other routes share FastAPI's thread pool (40 threads), so health always gets in."""
 
@@ -39,7 +41,14 @@ class MedcurateAPI:
 
 
 def application(settings: Settings) -> Application:
-    return MedcurateAPI.options(num_replicas=settings.replicas).bind(settings)
+    resources = stage_resources("serve_replica")
+    threads = str(resources.threads)
+    env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS")}
+    return MedcurateAPI.options(
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": resources.num_cpus, "runtime_env": {"env_vars": env}},
+    ).bind(settings)
 
 
 def build_app(args: dict) -> Application:

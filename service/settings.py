@@ -89,6 +89,9 @@ class Settings(BaseModel):
     max_page_size: int = Field(1000, ge=1, le=MAX_PAGE_SIZE, description="Largest page of ids "
                                f"a request may ask (at most {MAX_PAGE_SIZE:,}).")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 above).")
+    run_cache_bytes: int = Field(2 << 30, ge=0, description="Memory each replica keeps "
+                                 "recently used embedding runs in (least recently used out "
+                                 "first; 0 reads the run on every request).")
     replicas: int = Field(1, ge=1, description="Serve replicas of the API, each a process: a "
                           "selection in the request is CPU-bound, so throughput grows with "
                           "replicas up to the cores.")

@@ -42,3 +42,23 @@ class Live:
                 return view
             time.sleep(1)
         raise AssertionError(f"job {job_id} still {view['status']} after {timeout_s} s")
+
+    def report(self, selection_id: str, timeout_s: float = 180):
+        """``GET …/report`` until the report is drawn: 202 with Retry-After until then."""
+        return report_when_drawn(lambda: self.call(
+            "GET", f"/v1/selections/{selection_id}/report"), timeout_s)
+
+
+def report_when_drawn(get, timeout_s: float = 180):
+    """Repeat ``get()`` while it answers 202 (each with a Retry-After of a few seconds);
+    returns the first other answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = get()
+        if response.status_code != 202:
+            return response
+        assert 1 <= int(response.headers["Retry-After"]) <= 10, response.headers
+        assert response.json()["status"] == "drawing"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"report still being drawn after {timeout_s} s")
+        time.sleep(0.5)

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from artefacts import assert_outputs_match_their_hashes
+from live_service import report_when_drawn
 
 from medcurate.workspace import Workspace
 
@@ -167,8 +168,8 @@ def test_the_http_service_serves_a_workspace_on_the_store(s3_server, bucket, tmp
             "embedding_run": "syn--synthetic", "budget_per_class": 4, "strategy": "kcenter"})
         assert created.status_code == 201, created.text
         selection = created.json()["selection_id"]
-        report = http.get(f"{live.url}/v1/selections/{selection}/report", headers=headers,
-                          timeout=60)
+        report = report_when_drawn(lambda: http.get(
+            f"{live.url}/v1/selections/{selection}/report", headers=headers, timeout=60))
         assert report.status_code == 200 and "<html" in report.text.lower()
         job = http.post(f"{live.url}/v1/jobs", headers=headers, timeout=60, json={
             "kind": "select", "params": {"embedding_run": "syn--synthetic",

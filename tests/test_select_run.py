@@ -94,7 +94,7 @@ def test_confounder_aware_selection_writes_explained_artefacts(ham_run):
     record = workspace.provenance("selections", summary["selection_id"])
     assert record["config"]["strategy"] == "confounder-aware"
     assert record["model"]["spec"] == "mobilenetv2-imagenet"
-    assert {i["role"] for i in record["inputs"]} == {"embedding_run", "collection"}
+    assert {i["role"] for i in record["inputs"]} == {"embedding_run", "collection", "map"}
 
 
 def test_same_seed_same_selection_and_class_smaller_than_budget(ham_run):
@@ -248,3 +248,90 @@ def test_balanced_and_mapless_selections_report_stability_accordingly(demo_run):
     assert "recovery" not in plain and "stability" not in plain
     report = Path(workspace.path("selections", plain["selection_id"], "report.html")).read_text()
     assert "Do the groups match known metadata?" not in report
+
+
+def test_maps_are_stored_beside_the_run_and_reused_by_other_budgets_and_seeds(demo_run):
+    """A class map (UMAP + groups) depends on the rows, the map parameters and the map seed,
+    never on the budget or the selection seed: it is fitted once, stored as a ``maps``
+    artefact with its provenance, and later selections read it back with identical results."""
+    from artefacts import assert_outputs_match_their_hashes
+
+    workspace, run_id = demo_run
+    first = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=5, map_seed=11,
+                                       selection_id="maps-a"), workspace)
+    computed = first["maps"]["computed"]
+    assert len(computed) == 3 and first["maps"]["reused"] == []
+    second = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=12, seed=3,
+                                        map_seed=11, selection_id="maps-b"), workspace)
+    assert second["maps"] == {"reused": computed, "computed": []}
+    assert second["timing"]["select_s"] < first["timing"]["select_s"] / 3  # no UMAP
+    maps = [pq.read_table(workspace.path("selections", key, "map.parquet"))
+            for key in ("maps-a", "maps-b")]
+    assert maps[0].select(["id", "x", "y", "group"]).equals(maps[1].select(["id", "x", "y",
+                                                                            "group"]))
+    run_digest = next(ref["sha256"] for ref in workspace.provenance("selections", "maps-a")
+                      ["inputs"] if ref["role"] == "embedding_run")
+    for key in computed:
+        record = assert_outputs_match_their_hashes(workspace, "maps", key)
+        assert key.startswith(run_id) and record["config"]["n_neighbors"] == 15
+        assert record["inputs"] == [{"role": "embedding_run", "uri": run_id,
+                                     "sha256": run_digest}]
+    again = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=5, map_seed=11,
+                                       selection_id="maps-c"), workspace)
+    assert again["maps"]["reused"] == computed  # a stored map selects exactly as a fresh one
+    assert (pq.read_table(workspace.path("selections", "maps-c", "selection.parquet"))
+            .equals(pq.read_table(workspace.path("selections", "maps-a", "selection.parquet"))))
+    other = run_selection(SelectConfig(embedding_run=run_id, budget_per_class=5, map_seed=12,
+                                       selection_id="maps-d"), workspace)
+    assert len(other["maps"]["computed"]) == 3 and not set(other["maps"]["computed"]) & set(
+        computed)
+
+
+def test_inputs_cache_reads_a_run_once_and_never_serves_a_replaced_one(tmp_path):
+    """The service's in-memory runs: one read per run version, shared read-only; a run
+    written again (new version) is read afresh; a cache too small keeps nothing."""
+    from medcurate.select.run import InputsCache
+    from medcurate.synthetic import write_embedding_run
+    from medcurate.workspace import Workspace
+
+    workspace = Workspace(str(tmp_path / "ws"))
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 60 + ["b"] * 60
+    run_id = write_embedding_run(workspace, "cached", rng.normal(size=(120, 8)), labels)
+    cache = InputsCache(max_bytes=1 << 30)
+    first = cache.get(workspace, run_id, [])
+    assert cache.get(workspace, run_id, []) is first and not first.X.flags.writeable
+    config = SelectConfig(embedding_run=run_id, budget_per_class=5, strategy="kcenter",
+                          selection_id="via-cache")
+    summary = run_selection(config, workspace, inputs=cache, report=False)
+    direct = run_selection(config.model_copy(update={"selection_id": "direct"}), workspace)
+    assert summary["selected"] == direct["selected"] == 10
+    assert (pq.read_table(workspace.path("selections", "via-cache", "selection.parquet"))
+            .equals(pq.read_table(workspace.path("selections", "direct", "selection.parquet"))))
+    replaced = rng.normal(size=(120, 8))
+    write_embedding_run(workspace, "cached", replaced, labels)
+    fresh = cache.get(workspace, run_id, [])
+    assert fresh is not first and np.allclose(fresh.X, replaced.astype(np.float32))
+    assert cache.get(workspace, run_id, ["train"]) is not fresh  # another key: other splits
+    tiny = InputsCache(max_bytes=1)
+    assert tiny.get(workspace, run_id, []) is not tiny.get(workspace, run_id, [])
+
+
+def test_a_report_drawn_after_the_selection_is_added_as_a_new_version(demo_run):
+    """The service publishes a selection without its report and draws it later: the report
+    joins the selection's files through the workspace's protocol, hashes updated, the other
+    files as they were; a selection whose run was replaced since is refused clearly."""
+    from artefacts import assert_outputs_match_their_hashes
+
+    from medcurate.select.run import has_report, render_report
+
+    workspace, run_id = demo_run
+    run_selection(SelectConfig(embedding_run=run_id, budget_per_class=4, map_seed=11,
+                               selection_id="later"), workspace, report=False)
+    before = workspace.provenance("selections", "later")["outputs"]
+    assert "report.html" not in before and not has_report(workspace, "later")
+    assert render_report(workspace, "later")
+    after = assert_outputs_match_their_hashes(workspace, "selections", "later")["outputs"]
+    assert {k: v for k, v in after.items() if k != "report.html"} == before
+    page = Path(workspace.path("selections", "later", "report.html")).read_text()
+    assert "Selection later" in page and "data:image/jpeg;base64," in page  # thumbnails

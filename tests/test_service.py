@@ -177,9 +177,11 @@ def _read_back(live: Live, selection_id: str) -> dict:
     assert pacsv.read_csv(io.BytesIO(csv.content)).column("id").to_pylist() == ids
     assert ids == on_disk.column("id").to_pylist()
     assert len(ids) == body["selected"] == sum(c["selected"] for c in body["classes"].values())
-    report = live.call("GET", f"/v1/selections/{selection_id}/report")
+    report = live.report(selection_id)
     assert report.status_code == 200 and "<html" in report.text.lower()
-    assert "default-src 'none'" in report.headers["Content-Security-Policy"]
+    policy = report.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    assert "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
     return body
 
 

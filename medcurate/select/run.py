@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +25,13 @@ from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.sources import CORE_COLUMNS
-from medcurate.provenance import InputRef, Provenance, utc_now
-from medcurate.report import write_report
+from medcurate.provenance import InputRef, Provenance, json_ready, utc_now
+from medcurate.report import noise_groups, write_report
 from medcurate.runtime import NodesSeen, ensure_ray, this_node
 from medcurate.select import select, strategy_params
+from medcurate.select.map_store import WorkspaceMaps
 from medcurate.select.synthesis import publish_synthetic, synthetic_collection_name
+from medcurate.thumbnails import thumbnail_uris
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 SELECTION_FILE = "selection.parquet"
@@ -39,7 +43,9 @@ MISSING = "(missing)"
 
 
 def default_selection_id(config: SelectConfig, collection: str) -> str:
-    digest = hashlib.sha256(json.dumps(config.model_dump(exclude={"overwrite"}),
+    # Fields added later are left out while unset, so earlier selections keep their ids.
+    unset_later = {"map_seed"} if config.map_seed is None else set()
+    digest = hashlib.sha256(json.dumps(config.model_dump(exclude={"overwrite", *unset_later}),
                                        sort_keys=True).encode()).hexdigest()[:8]
     size = f"f{config.fraction:g}" if config.fraction else f"n{config.budget_per_class}"
     return f"{collection}-{config.strategy}-{size}-s{config.seed}-{digest}"
@@ -161,20 +167,141 @@ def build_summary(config: SelectConfig, labels: np.ndarray, selected: np.ndarray
         summary["groups"] = {str(label): _counts(point_groups[labels == label].astype(str),
                                                  selected[labels == label])
                              for label in sorted(set(labels.tolist()), key=str)}
+        summary["noise_groups"] = noise_groups(strategy_info or {})
         summary["recovery"] = recovery(labels, point_groups, metadata)
         summary["stability"] = grouping_stability(strategy_info or {})
     summary["metadata"] = {column: _counts(values, selected) for column, values in metadata.items()}
     return summary
 
 
-def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> dict:
-    """Select from an embedding run and publish ``selections/<id>/``; returns the summary."""
+@dataclass
+class SelectionInputs:
+    """An embedding run and its collection's metadata as a selection reads them, prepared
+    once: the HTTP service keeps recent ones in memory (``InputsCache``), so a request costs
+    the selection, not the read. ``X`` is read-only, as requests share it."""
+
+    run_id: str
+    run_version: str
+    run_record: dict
+    run_digest: str
+    collection: str
+    collection_version: str
+    manifest_sha256: str
+    rows: pa.Table  # id, label, split, row (the manifest row) of each embedding
+    X: np.ndarray
+    metadata: pa.Table  # the manifest rows of the embeddings, in the same order
+    labels: np.ndarray  # str per row; MISSING where unlabeled
+    unlabeled: bool
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def values(self, column: str) -> np.ndarray:
+        """A metadata column as str per row (MISSING for null), computed once."""
+        if ("values", column) not in self._memo:
+            self._memo[("values", column)] = _values(self.metadata, column)
+        return self._memo[("values", column)]
+
+    def chart_columns(self, stratify_by: list[str]) -> list[str]:
+        if ("charts", tuple(stratify_by)) not in self._memo:
+            self._memo[("charts", tuple(stratify_by))] = report_columns(self.metadata,
+                                                                         stratify_by)
+        return self._memo[("charts", tuple(stratify_by))]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.X.nbytes + self.rows.nbytes + self.metadata.nbytes
+                   + 64 * len(self.labels))
+
+
+def load_inputs(workspace: Workspace, run_id: str, splits: list[str]) -> SelectionInputs:
+    """Read a finished run (only its images in ``splits``, where given) and its metadata."""
+    run_version = workspace.head("embeddings", run_id)
+    workspace.require("embeddings", run_id)
+    run_record = workspace.provenance("embeddings", run_id)
+    collection = run_record["summary"]["collection"]
+    collection_version = workspace.head("collections", collection)
+    rows, X = load_embeddings(workspace, run_id)
+    if splits:
+        rows, X = _in_splits(rows, X, splits)
+    X.flags.writeable = False
+    labels = _values(rows, "label").astype(str)  # fixed-width: sorted 6x faster than objects
+    return SelectionInputs(
+        run_id=run_id, run_version=run_version.version, run_record=run_record,
+        run_digest=_digest_outputs(run_record), collection=collection,
+        collection_version=collection_version.version if collection_version else "",
+        manifest_sha256=workspace.provenance("collections", collection)
+        ["outputs"][MANIFEST_FILE]["sha256"],
+        rows=rows, X=X, metadata=read_manifest(workspace, collection).take(rows.column("row")),
+        labels=labels, unlabeled=any(label is None for label in rows.column("label").to_pylist()))
+
+
+class InputsCache:
+    """Recently used ``SelectionInputs``, bounded by ``max_bytes`` (least recently used out
+    first; one larger than the bound is used and not kept).
+
+    Keyed by workspace, run id, the run's live version and the splits, and checked against
+    the collection's live version on every hit: an overwritten run or re-ingested collection
+    is read afresh, never served stale. Thread-safe; concurrent requests for one missing run
+    wait for a single read instead of each reading it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, SelectionInputs] = OrderedDict()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, workspace: Workspace, run_id: str, splits: list[str]) -> SelectionInputs:
+        head = workspace.head("embeddings", run_id)
+        if head is None:
+            workspace.require("embeddings", run_id)  # raises NotFound, as load_inputs would
+        key = (workspace.uri, run_id, head.version, tuple(splits))
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            entry = self._fresh(workspace, key)
+            if entry is None:
+                entry = load_inputs(workspace, run_id, splits)
+                with self._lock:
+                    self._keep(key, entry)
+        with self._lock:
+            self._loading.pop(key, None)
+        return entry
+
+    def _fresh(self, workspace: Workspace, key: tuple) -> SelectionInputs | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            return None
+        collection = workspace.head("collections", entry.collection)
+        if collection is None or collection.version != entry.collection_version:
+            with self._lock:
+                self._entries.pop(key, None)
+            return None
+        with self._lock:
+            self._entries.move_to_end(key)
+        return entry
+
+    def _keep(self, key: tuple, entry: SelectionInputs) -> None:
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[key] = entry
+        while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+            self._entries.popitem(last=False)
+
+
+def run_selection(config: SelectConfig, workspace: Workspace | None = None, *,
+                  inputs: InputsCache | None = None, report: bool = True) -> dict:
+    """Select from an embedding run and publish ``selections/<id>/``; returns the summary.
+
+    ``inputs``: a cache of read runs (the HTTP service's); default: read the run. ``report``:
+    draw ``report.html`` now (the CLI and jobs); the service publishes without it and draws
+    it later with ``render_report``, off the request's path."""
     workspace = workspace or Workspace()
     started = utc_now()
-    workspace.require("embeddings", config.embedding_run)
-    run_record = workspace.provenance("embeddings", config.embedding_run)
-    collection = run_record["summary"]["collection"]
-    selection_id = config.selection_id or default_selection_id(config, collection)
+    clock = time.perf_counter()
+    data = (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
+                                                   config.splits)
+    timing = {"load_s": round(time.perf_counter() - clock, 3)}
+    selection_id = config.selection_id or default_selection_id(config, data.collection)
     workspace.refuse_existing("selections", selection_id, config.overwrite,
                               "--selection-id NEW")
     params = config.strategy_params()
@@ -186,66 +313,61 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
     if "transform_map" in accepted and backends.backend_name() == "cpu":
         # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
         params["transform_map"] = RayTransformMap()
-    clock = time.perf_counter()
-    rows, X = load_embeddings(workspace, config.embedding_run)
-    timing = {"load_s": round(time.perf_counter() - clock, 3)}
-    if config.splits:
-        rows, X = _in_splits(rows, X, config.splits)
-    manifest = read_manifest(workspace, collection)
-    metadata = manifest.take(rows.column("row"))
-    missing = [c for c in config.stratify_by if c not in metadata.column_names]
+    if "map_store" in accepted:
+        params["map_store"] = WorkspaceMaps(workspace, config.embedding_run, data.run_digest)
+    missing = [c for c in config.stratify_by if c not in data.metadata.column_names]
     if missing:
-        raise MedcurateError(f"--stratify-by: collection {collection!r} has no column "
-                             f"{', '.join(missing)}; columns: {', '.join(metadata.column_names)}")
-    labels = np.array(rows.column("label").to_pylist(), dtype=object)
-    if config.strategy in POOL_STRATEGIES:  # labels are ignored; the summary counts them
-        labels = _values(rows, "label")
-    elif any(label is None for label in labels):
-        raise MedcurateError(f"collection {collection!r} has unlabeled images; selection keeps a "
-                             "budget per class, so every image needs a label")
-    labels = labels.astype(str)
+        raise MedcurateError(f"--stratify-by: collection {data.collection!r} has no column "
+                             f"{', '.join(missing)}; columns: "
+                             f"{', '.join(data.metadata.column_names)}")
+    if config.strategy not in POOL_STRATEGIES and data.unlabeled:
+        raise MedcurateError(f"collection {data.collection!r} has unlabeled images; selection "
+                             "keeps a budget per class, so every image needs a label")
+    labels = data.labels  # pool strategies ignore labels; the summary counts them
     strata = None
     if config.stratify_by:
-        parts = [_values(metadata, c) for c in config.stratify_by]
+        parts = [data.values(c) for c in config.stratify_by]
         strata = np.array(["|".join(f"{c}={v}" for c, v in zip(config.stratify_by, values))
                            for values in zip(*parts)], dtype=object)
     clock = time.perf_counter()
-    result = select(config.strategy, X, labels, config.budget_per_class, seed=config.seed,
+    result = select(config.strategy, data.X, labels, config.budget_per_class, seed=config.seed,
                     strata=strata, min_per_stratum=config.min_per_stratum, **params)
     timing["select_s"] = round(time.perf_counter() - clock, 3)
     chosen = np.asarray(result.indices, dtype=np.int64)
     selected = np.zeros(len(labels), dtype=bool)
     selected[chosen] = True
-    chart_columns = report_columns(metadata, config.stratify_by)
-    chart_values = {c: _values(metadata, c) for c in chart_columns}
+    chart_values = {c: data.values(c) for c in data.chart_columns(config.stratify_by)}
     notes = list(result.info.get("notes", []))
     summary = build_summary(config, labels, selected, result.point_groups, chart_values,
                             notes, result.info)
+    maps = params["map_store"].as_dict() if "map_store" in params else {}
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
-                   collection=collection, backend=backends.backend_name(),
+                   collection=data.collection, backend=backends.backend_name(),
                    nodes=params["transform_map"].nodes.as_dict()
-                   if "transform_map" in params else {}, timing=timing)
-    inputs = [InputRef(role="embedding_run", uri=config.embedding_run,
-                       sha256=_digest_outputs(run_record)),
-              InputRef(role="collection", uri=collection,
-                       sha256=workspace.provenance("collections", collection)
-                       ["outputs"][MANIFEST_FILE]["sha256"])]
+                   if "transform_map" in params else {}, timing=timing,
+                   **({"maps": maps} if maps else {}))
+    inputs_used = [InputRef(role="embedding_run", uri=config.embedding_run,
+                            sha256=data.run_digest),
+                   InputRef(role="collection", uri=data.collection,
+                            sha256=data.manifest_sha256),
+                   *(InputRef(role="map", uri=key) for key in maps.get("reused", [])
+                     + maps.get("computed", []))]
     if config.fraction is not None:
         summary.update(fraction=config.fraction, pretraining_images=int(selected.sum()))
     if result.synthesis is not None:
         synthetic = synthetic_collection_name(selection_id)
-        made = publish_synthetic(workspace, synthetic, result.synthesis, metadata,
-                                 selection_id=selection_id, inputs=inputs,
+        made = publish_synthetic(workspace, synthetic, result.synthesis, data.metadata,
+                                 selection_id=selection_id, inputs=inputs_used,
                                  params=config.strategy_params(), overwrite=config.overwrite)
         summary.update(synthetic_collection=synthetic, synthesised=made["ingested"],
                        pretraining_images=int(selected.sum()) + made["ingested"])
 
-    ids = rows.column("id")
+    ids = data.rows.column("id")
     ranks = _ranks_within_class(labels[chosen])
     table = pa.table({
         "id": ids.take(pa.array(chosen)),
         "label": pa.array(labels[chosen].tolist(), pa.string()),
-        "split": rows.column("split").take(pa.array(chosen)),
+        "split": data.rows.column("split").take(pa.array(chosen)),
         "group": pa.array(np.asarray(result.group, dtype=np.int64)),
         "rank": pa.array(ranks, pa.int32()),
         "reason": pa.array(list(result.reason), pa.string()),
@@ -263,17 +385,64 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None) -> d
                 "group": pa.array(result.point_groups, pa.int64()),
                 "selected": pa.array(selected)}))
         workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
-        workspace.write_bytes(f"{staging}/{REPORT_FILE}", write_report(
-            summary, labels, selected, result.coords, result.point_groups, X,
-            title=f"Selection {selection_id}", model=run_record.get("model") or {}))
+        if report:
+            workspace.write_bytes(f"{staging}/{REPORT_FILE}", report_page(
+                summary, data, selected, result.coords, result.point_groups, selection_id))
         record = Provenance(
             kind="selection", key=selection_id, started_at=started,
-            config=config.model_dump(), seed=config.seed, model=run_record.get("model"),
-            inputs=inputs,
+            config=config.model_dump(), seed=config.seed, model=data.run_record.get("model"),
+            inputs=inputs_used,
             summary={**{k: v for k, v in summary.items() if k != "metadata"},
-                     "strategy_info": _json_ready(result.info)})
+                     "strategy_info": json_ready(result.info)})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return summary
+
+
+def report_page(summary: dict, data: SelectionInputs, selected: np.ndarray,
+                coords: np.ndarray | None, groups: np.ndarray | None,
+                selection_id: str) -> bytes:
+    """``report.html`` of a selection: thumbnails decoded from the collection's own files."""
+    def thumbnails(positions: np.ndarray) -> list[str | None]:
+        return thumbnail_uris(data.metadata.take(pa.array(positions, pa.int64())))
+
+    return write_report(summary, data.labels, selected, coords, groups, data.X,
+                        title=f"Selection {selection_id}", model=data.run_record.get("model") or {},
+                        ids=np.asarray(data.rows.column("id").to_pylist(), dtype=object),
+                        thumbnails=thumbnails)
+
+
+def has_report(workspace: Workspace, selection_id: str) -> bool:
+    return workspace.is_file(workspace.path("selections", selection_id, REPORT_FILE))
+
+
+def render_report(workspace: Workspace, selection_id: str,
+                  inputs: InputsCache | None = None) -> bool:
+    """Draw a published selection's ``report.html`` and add it to the selection (a new
+    version through the workspace's protocol, ``Workspace.amend``). True once the selection
+    has its report; False where the selection was overwritten meanwhile (the new one is
+    drawn on its own request). The run must be the one the selection was made from."""
+    record = workspace.provenance("selections", selection_id)
+    config = SelectConfig.model_validate(record["config"])
+    data = (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
+                                                   config.splits)
+    made_from = next((ref["sha256"] for ref in record["inputs"]
+                      if ref["role"] == "embedding_run"), None)
+    if made_from != data.run_digest:
+        raise MedcurateError(f"selection {selection_id!r}: embedding run "
+                             f"{config.embedding_run!r} was replaced since the selection was "
+                             "made, so its report cannot be drawn; select again")
+    folder = workspace.require("selections", selection_id)
+    chosen = workspace.read_table(f"{folder}/{SELECTION_FILE}", columns=["id"]).column("id")
+    selected = pc.is_in(data.rows.column("id"), value_set=chosen).to_numpy(zero_copy_only=False)
+    coords = groups = None
+    if workspace.is_file(f"{folder}/{MAP_FILE}"):
+        positions = workspace.read_table(f"{folder}/{MAP_FILE}", columns=["x", "y", "group"])
+        coords = np.column_stack([positions.column("x").to_numpy(),
+                                  positions.column("y").to_numpy()])
+        groups = positions.column("group").to_numpy()
+    summary = workspace.read_json(f"{folder}/{SUMMARY_FILE}")
+    page = report_page(summary, data, selected, coords, groups, selection_id)
+    return workspace.amend("selections", selection_id, {REPORT_FILE: page})
 
 
 def _in_splits(rows: pa.Table, X: np.ndarray, splits: list[str]) -> tuple[pa.Table, np.ndarray]:
@@ -300,18 +469,6 @@ def _digest_outputs(record: dict) -> str:
     outputs = record.get("outputs", {})
     text = "\n".join(f"{name}:{outputs[name]['sha256']}" for name in sorted(outputs))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def read_selection(workspace: Workspace, selection_id: str) -> pa.Table:
