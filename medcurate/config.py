@@ -297,8 +297,9 @@ class ScoreConfig(CommandConfig):
     metrics: CommaList = Field(default_factory=lambda: ["all"], description="'all', or a comma "
                                "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
                                "sfda, parc, ncti, gbc, transrate; NAME:VARIANT picks a published "
-                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical); at "
-                               "most 32.")
+                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical; "
+                               "logme, hscore-reg, sfda, parc and nleep:reference reproduce "
+                               "the authors' code); at most 32.")
     per_class: int = Field(100, ge=1, le=MAX_PROBE_PER_CLASS, description="Probe images per "
                            "class (a smaller class is taken whole; at most "
                            f"{MAX_PROBE_PER_CLASS:,}).")

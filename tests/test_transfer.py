@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import linalg, special, stats
 from torch import nn
 
 from medcurate.errors import MedcurateError
@@ -147,6 +148,219 @@ def test_bad_metric_input_is_a_clear_error():
         m.transrate(np.where(features > 2, np.nan, features), labels)
 
 
+# -- parity with the reference implementations ----------------------------------------------------
+# Each port below restates a published rule in a few lines (thuml/LogME, Transfer-Learning-Library
+# tllib/ranking, TencentARC/SFDA metrics.py); labels are codes 0..C-1 as those functions expect.
+def _thuml_logme(f, y):
+    """thuml/LogME's fixed point: 11 steps, tolerance 1e-3, 1e-5 in the denominators, D."""
+    n, d = f.shape
+    if n > d:  # singular values from F^T F, those above 1e-10
+        _, s2, vh = np.linalg.svd(f.T @ f)
+        k = int((np.sqrt(s2) > 1e-10).sum())
+        u, sigma = f @ vh[:k].T / np.sqrt(s2[:k]), np.sqrt(s2[:k]) ** 2
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+        sigma = s ** 2
+    evidences = []
+    for c in range(y.max() + 1):
+        target = (y == c).astype(np.float64)
+        x2 = (u.T @ target) ** 2
+        rest = target @ target - x2.sum()
+        alpha = beta = 1.0
+        for _ in range(11):
+            t = alpha / beta
+            gamma = (sigma / (sigma + t)).sum()
+            m2 = (sigma * x2 / (t + sigma) ** 2).sum()
+            res2 = (x2 / (1 + sigma / t) ** 2).sum() + rest
+            alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+            if abs(alpha / beta - t) / t <= 1e-3:
+                break
+        evidences.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                          - 0.5 * np.log(alpha + beta * sigma).sum() - beta / 2 * res2
+                          - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n)
+    return np.mean(evidences)
+
+
+def _tllib_leep(p, y):
+    joint = np.stack([p[y == c].sum(axis=0) for c in range(y.max() + 1)]) / len(y)
+    return np.log((p @ (joint / joint.sum(axis=0)).T)[np.arange(len(y)), y]).mean()
+
+
+def _tllib_nce(p, y):
+    joint = np.zeros((y.max() + 1, p.shape[1]))
+    np.add.at(joint, (y, p.argmax(axis=1)), 1 / len(y))
+    p_z = joint.sum(axis=0)
+    seen = p_z != 0
+    cond = joint[:, seen] / p_z[seen] + 1e-20
+    return (p_z[seen] * (cond * np.log(cond)).sum(axis=0)).sum()
+
+
+def _tllib_hscore(f, y, regularized: bool):
+    shrinkage, cov_f = 0.0, np.cov(f, rowvar=False)
+    if regularized:
+        from sklearn.covariance import LedoitWolf
+
+        f = f - f.mean(axis=0)
+        fitted = LedoitWolf().fit(f)
+        shrinkage, cov_f = fitted.shrinkage_, fitted.covariance_
+    g = np.stack([f[y == c].mean(axis=0) for c in range(y.max() + 1)])[y]
+    return np.trace(np.linalg.pinv(cov_f, rcond=1e-15)
+                    @ ((1 - shrinkage) * np.cov(g, rowvar=False)))
+
+
+def _tllib_transrate(f, y, eps=1e-4):
+    def rate(z):
+        return 0.5 * np.linalg.slogdet(np.eye(z.shape[1]) + z.T @ z / (len(z) * eps))[1]
+
+    f = f - f.mean(axis=0)
+    return rate(f) - sum(rate(f[y == c]) for c in range(y.max() + 1)) / (y.max() + 1)
+
+
+def _sfda_fisher(x, y, shrinkage):
+    """SFDA's Fisher discriminant: generalised eigenvectors of (S_t - S_w, S_w), both shrunk;
+    adaptive shrinkage from three power-iteration steps on S_w."""
+    priors = np.bincount(y) / len(y)
+    means = np.stack([x[y == c].mean(axis=0) for c in range(y.max() + 1)])
+    within = sum(priors[c] * np.cov(x[y == c].T, bias=True) for c in range(y.max() + 1))
+    if shrinkage is None:
+        v = within.sum(axis=1)
+        for _ in range(3):
+            w = within @ v / np.linalg.norm(within @ v)
+            v = within @ w / np.linalg.norm(within @ w)
+        shrinkage = max(np.exp(-5 * v @ within @ w), 1e-10)
+
+    def shrunk(cov):
+        return (1 - shrinkage) * cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+
+    _, vectors = linalg.eigh(shrunk(np.cov(x.T, bias=True)) - shrunk(within), shrunk(within))
+    coef = means @ vectors @ vectors.T
+    return special.softmax(x @ coef.T - 0.5 * np.diag(means @ coef.T) + np.log(priors),
+                           axis=1), shrinkage
+
+
+def _sfda_score(x, y):
+    rows = np.arange(len(y))
+    probs, shrinkage = _sfda_fisher(x, y, None)
+    sure = special.softmax(probs, axis=1)[rows, y][:, None]
+    means = np.stack([x[y == c].mean(axis=0) for c in range(y.max() + 1)])
+    others = (means.sum(axis=0) - means) / (len(means) - 1)
+    return _sfda_fisher(sure * x + (1 - sure) * others[y], y, shrinkage)[0][rows, y].mean()
+
+
+def _sfda_nleep(x, y, seed):
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    reduced = PCA(n_components=0.8).fit(x).transform(x)
+    probs = GaussianMixture(5 * (y.max() + 1), random_state=seed).fit(reduced) \
+        .predict_proba(reduced)
+    return _sfda_leep(probs, y)
+
+
+def _sfda_leep(p, y):
+    """SFDA's LEEP: the mean expected empirical prediction of the true class, without the log."""
+    joint = np.stack([p[y == c].sum(axis=0) for c in range(y.max() + 1)]) / len(y)
+    return (p @ (joint / joint.sum(axis=0)).T)[np.arange(len(y)), y].mean()
+
+
+def _sfda_parc(x, y, label_rdm, **pca):
+    """SFDA's PARC; ``pca`` the solver options (default: its randomised PCA)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    pca = pca or {"svd_solver": "randomized", "random_state": 1919, "iterated_power": 1}
+    reduced = PCA(n_components=min(32, len(x)), **pca).fit_transform(x)
+    upper = np.triu_indices(len(x), 1)
+    feature_rdm = 1 - np.corrcoef(StandardScaler().fit_transform(reduced))
+    return stats.spearmanr(feature_rdm[upper], label_rdm[upper]).statistic * 100
+
+
+def _canonical(features, labels):
+    """Rows in the order m.order_invariant puts them: a port then sees what the metric sees."""
+    order = np.lexsort([*features.T[::-1], labels])
+    return features[order], labels[order]
+
+
+def _tall_and_wide():
+    """A probe with more samples than dimensions (large features, so small weights, where
+    LogME's 1e-5 in the denominators tells), and one with fewer (the usual case)."""
+    tall, tall_labels, _ = _clusters(n=150, d=10)
+    tall = 100 * tall
+    wide, wide_labels, _ = _clusters(seed=2, n=60, d=120, shift=1.5)
+    return [(tall, tall_labels), (wide, wide_labels)]
+
+
+def test_logme_reference_is_thuml_fixed_point_and_differs_from_the_exact_evidence():
+    for features, labels in _tall_and_wide():
+        reference = m.logme(features, labels, "reference")
+        assert reference == pytest.approx(_thuml_logme(features, labels), rel=1e-10)
+        assert abs(reference - m.logme(features, labels)) > 1e-3
+    # N < D: the fixed point needs 38 to 48 steps here to reach even the reference's tolerance
+    # (76 to 98 to ours); the reference stops at 11 and adds (D - N)/2 log(alpha) / N that the
+    # evidence does not have.
+    wide, labels = _tall_and_wide()[1]
+    assert m.logme(wide, labels, "reference") - m.logme(wide, labels) > 1.0
+
+
+def test_leep_nce_hscore_and_transrate_equal_tllib_and_sfda_code():
+    features, labels, rng = _clusters(n=150, d=10)
+    probs = _source_probs(labels, rng)
+    assert m.leep(probs, labels) == pytest.approx(_tllib_leep(probs, labels), rel=1e-12)
+    assert m.leep(probs, labels, "prob") == pytest.approx(_sfda_leep(probs, labels), rel=1e-12)
+    assert m.nce(probs, labels) == pytest.approx(_tllib_nce(probs, labels), rel=1e-12)
+    assert m.hscore(features, labels) == pytest.approx(
+        _tllib_hscore(features, labels, regularized=False), rel=1e-10)
+    assert m.transrate(features, labels) == pytest.approx(_tllib_transrate(features, labels),
+                                                          rel=1e-10)
+
+
+def test_regularized_hscore_reference_is_tllibs_n_minus_one():
+    for features, labels in _tall_and_wide():
+        reference = m.regularized_hscore(features, labels, "reference")
+        assert reference == pytest.approx(
+            _tllib_hscore(features, labels, regularized=True), rel=1e-10)
+        n = len(labels)
+        assert reference == pytest.approx(m.regularized_hscore(features, labels) * n / (n - 1),
+                                          rel=1e-12)
+
+
+def test_sfda_reference_shrinks_with_three_power_steps():
+    # Within-class eigenvalues near 0.1 and close together: the power iteration underestimates
+    # the largest, so the shrinkage exp(-5 lambda) is visibly larger than with the exact one.
+    features, labels, _ = _clusters(n=150, d=10, shift=1.0)
+    features = 0.3 * features
+    reference = m.sfda(features, labels, "reference")
+    assert reference == pytest.approx(_sfda_score(features, labels), rel=1e-10)
+    assert abs(reference - m.sfda(features, labels)) > 1e-6
+
+
+def test_nleep_reference_is_the_sfda_code():
+    features, labels = _canonical(*_clusters(n=150, d=10)[:2])
+    reference = m.nleep(features, labels, "reference", seed=3)
+    assert reference == pytest.approx(_sfda_nleep(features, labels, seed=3), rel=1e-10)
+    # Its covariance floor is 1e-6 whatever the scale, ours 1e-6 x the mean PCA variance (> 1
+    # here), so the mixtures differ a little; on features of variance below 1 the floors agree.
+    assert abs(reference - m.nleep(features, labels, "prob", seed=3)) > 1e-8
+    small = 0.1 * features
+    assert m.nleep(small, labels, "reference", seed=3) == pytest.approx(
+        m.nleep(small, labels, "prob", seed=3), rel=1e-12)
+
+
+def test_parc_reference_is_the_sfda_code_with_exact_label_dissimilarity():
+    features, labels = _canonical(*_clusters(n=90, d=200)[:2])
+    exact_labels = (labels[:, None] != labels[None, :]).astype(np.float64)
+    reference = m.parc(features, labels, "reference")
+    assert reference == pytest.approx(_sfda_parc(features, labels, exact_labels), rel=1e-10)
+    assert abs(reference - m.parc(features, labels)) > 1e-3
+    assert m.parc(features, labels) == pytest.approx(
+        _sfda_parc(features, labels, exact_labels, svd_solver="full"), rel=1e-10)
+    # 1 - corrcoef(one-hot), as the published code writes it, leaves ~1e-16 residues within a
+    # class (three classes here); they split Spearman's ties and move the value.
+    residues = 1 - np.corrcoef(np.eye(3)[labels])
+    assert len(np.unique(residues[np.triu_indices(len(labels), 1)])) > 2
+    assert reference != pytest.approx(_sfda_parc(features, labels, residues), rel=1e-10)
+
+
 # -- the paper's LP and FU -------------------------------------------------------------------------
 def test_lp_handles_features_with_fewer_dimensions_than_components():
     features, labels, rng = _clusters(d=3)
@@ -255,12 +469,14 @@ def test_parse_metrics_names_variants_and_rejects_unknown_ones():
     assert [r.column for r in parse_metrics(["all"])] == list(METRICS)
     requests = parse_metrics(["lp", "leep:prob", "leep:log", "ncti:plus", "lp"])
     assert [r.column for r in requests] == ["lp", "leep:prob", "leep", "ncti:plus"]
+    requests = parse_metrics(["logme:reference", "logme:exact", "parc:reference"])
+    assert [r.column for r in requests] == ["logme:reference", "logme", "parc:reference"]
     with pytest.raises(MedcurateError, match="unknown metric 'accuracy'"):
         parse_metrics(["accuracy"])
     with pytest.raises(MedcurateError, match="its variants: minus, plus"):
         parse_metrics(["ncti:times"])
     with pytest.raises(MedcurateError, match="no variants"):
-        parse_metrics(["logme:fast"])
+        parse_metrics(["hscore:fast"])
 
 
 def test_zoo_file_resolves_paths_and_rejects_bad_entries(tmp_path):

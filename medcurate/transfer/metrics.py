@@ -17,6 +17,11 @@ Where published implementations disagree, ``variant=`` names the alternatives:
   within-class collapse of the predictions scores lower) or ``"plus"`` (seli + ncc + vc, as the
   code of Juodelyte et al. adds the third term; their NCTI table spans [0, 3]).
 - ``gbc``: ``"diagonal"`` (default, the GBC paper's main variant) or ``"spherical"`` Gaussians.
+- ``logme``, ``regularized_hscore``, ``sfda``, ``parc``: ``"exact"`` (default: converged,
+  exact eigenvalues and PCA, one normalisation) or ``"reference"``, the rule of the authors'
+  published code (thuml/LogME, Transfer-Learning-Library's ``tllib.ranking``, TencentARC/SFDA);
+  ``nleep``'s ``"reference"`` is TencentARC/SFDA's. ``leep`` (``"log"``), ``nce``, ``hscore``
+  and ``transrate`` already compute what ``tllib.ranking`` does.
 """
 
 from __future__ import annotations
@@ -76,21 +81,29 @@ def order_invariant(fn: Callable) -> Callable:
     return wrapper
 
 
+REFERENCE_VARIANTS = ("exact", "reference")
+
+
 def _check_variant(variant: str, allowed: tuple[str, ...], metric: str) -> None:
     if variant not in allowed:
         raise MedcurateError(f"{metric} has no variant {variant!r} "
                              f"(variants: {', '.join(allowed)})")
 
 
-def _pca(features: np.ndarray, components: int | float) -> tuple[np.ndarray, np.ndarray]:
-    """Exact PCA (full SVD, signs fixed by sklearn's convention): projected rows and the
-    explained variances. Exact rather than randomised so the result does not hang on row order."""
+def _pca(features: np.ndarray, components: int | float,
+         **randomized) -> tuple[np.ndarray, np.ndarray]:
+    """PCA: projected rows and the explained variances. Exact (full SVD, signs fixed by sklearn's
+    convention) unless ``randomized`` gives the randomised solver's options; exact so that the
+    result does not hang on row order."""
     from sklearn.decomposition import PCA
 
     if isinstance(components, int):
         components = max(1, min(components, *features.shape))
-    pca = PCA(n_components=components, svd_solver="full").fit(features)
-    return pca.transform(features), pca.explained_variance_
+    pca = PCA(n_components=components, svd_solver="randomized" if randomized else "full",
+              **randomized)
+    # U S of the (randomised) SVD, as published code takes it: for the randomised solver this is
+    # not X V^T, which would add the part of X outside its approximate range.
+    return pca.fit_transform(features), pca.explained_variance_
 
 
 def _class_means(features: np.ndarray, codes: np.ndarray, classes: int) -> np.ndarray:
@@ -106,46 +119,81 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 # -- LogME ---------------------------------------------------------------------------------------
-def logme(features, labels, max_iter: int = 100, tol: float = 1e-6) -> float:
+def _logme_spectrum(f: np.ndarray, variant: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The left singular vectors and squared singular values the evidence sums over, and the
+    dimension that multiplies log(alpha).
+
+    ``"exact"``: the nonzero singular values and their count k, so that log|A| also counts the
+    D - k zero ones. ``"reference"`` (thuml/LogME): every one of the min(N, D) singular values
+    when N <= D; when N > D, the square roots of F^T F's, those above 1e-10 (roundoff keeps
+    near-null directions); and always D.
+    """
+    n, d = f.shape
+    if variant == "reference" and n > d:
+        _, s2, vh = np.linalg.svd(f.T @ f)
+        s = np.sqrt(s2)
+        keep = s > 1e-10
+        return f @ vh[keep].T / s[keep], s[keep] ** 2, d
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    if variant == "reference":
+        return u, s ** 2, d
+    keep = s > s.max(initial=0.0) * 1e-10
+    return u[:, keep], s[keep] ** 2, int(keep.sum())
+
+
+def _log_evidence(y: np.ndarray, u: np.ndarray, sigma: np.ndarray, dims: int,
+                  variant: str) -> float:
+    """The maximised log evidence / N of a Bayesian linear regression of ``y`` on the features
+    (left singular vectors ``u``, squared singular values ``sigma``), by MacKay's fixed-point
+    updates of the prior and noise precisions alpha and beta from alpha = beta = 1.
+
+    ``"exact"`` iterates to a relative change of alpha/beta below 1e-6 (at most 100 times) and
+    evaluates the evidence at the final alpha, beta. ``"reference"`` follows thuml/LogME: at most
+    11 iterations, tolerance 1e-3, 1e-5 added to both update denominators, and the evidence takes
+    the final alpha, beta with the weight norm and residual from before their last update.
+    """
+    max_iter, tol, eps = (11, 1e-3, 1e-5) if variant == "reference" else (100, 1e-6, 0.0)
+    n = y.size
+    x2 = (u.T @ y) ** 2
+    outside = max(float(y @ y - x2.sum()), 0.0)  # the part of y no feature direction spans
+
+    def fit(alpha: float, beta: float) -> tuple[float, float, float]:
+        t = alpha / beta
+        gamma = float((sigma / (sigma + t)).sum())
+        m2 = float((sigma * x2 / (sigma + t) ** 2).sum())
+        res2 = float(((t / (sigma + t)) ** 2 * x2).sum()) + outside
+        return gamma, m2, res2
+
+    alpha = beta = 1.0
+    for _ in range(max_iter):
+        gamma, m2, res2 = fit(alpha, beta)
+        new_alpha = gamma / max(m2 + eps, _TINY)
+        new_beta = (n - gamma) / max(res2 + eps, _TINY)
+        done = abs(new_alpha / new_beta - alpha / beta) / (alpha / beta) <= tol
+        alpha, beta = new_alpha, new_beta
+        if done:
+            break
+    if variant == "exact":
+        _, m2, res2 = fit(alpha, beta)
+    evidence = (dims / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                - 0.5 * np.log(alpha + beta * sigma).sum()
+                - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+    return float(evidence / n)
+
+
+def logme(features, labels, variant: str = "exact") -> float:
     """LogME (You et al., 2021): per class, the maximised log evidence of a Bayesian linear
     regression of the one-hot label on the features, divided by N; averaged over classes.
 
-    The evidence is exact, with the ``D - k`` zero singular values included in ``log|A|`` (the
-    authors' fast fixed-point code drops them when N < D, which is the usual probe regime).
+    ``"exact"`` (default) converges and counts the ``D - k`` zero singular values in ``log|A|``;
+    the authors' fixed-point code (``"reference"``) stops early and, when N < D (the usual probe
+    regime), adds (D - N)/2 log(alpha) that the evidence does not have.
     """
+    _check_variant(variant, REFERENCE_VARIANTS, "logme")
     f, codes, classes = check_inputs(features, labels, "features")
-    n, d = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    keep = s > s.max(initial=0.0) * 1e-10
-    u, sigma = u[:, keep], s[keep] ** 2
-    rank = int(keep.sum())
-    evidences = []
-    for c in range(classes):
-        y = (codes == c).astype(np.float64)
-        x2 = (u.T @ y) ** 2
-        outside = max(float(y @ y - x2.sum()), 0.0)  # the part of y no feature direction spans
-
-        def fit(alpha: float, beta: float) -> tuple[float, float, float]:
-            t = alpha / beta
-            gamma = float((sigma / (sigma + t)).sum())
-            m2 = float((sigma * x2 / (sigma + t) ** 2).sum())
-            res2 = float(((t / (sigma + t)) ** 2 * x2).sum()) + outside
-            return gamma, m2, res2
-
-        alpha = beta = 1.0
-        for _ in range(max_iter):
-            gamma, m2, res2 = fit(alpha, beta)
-            new_alpha, new_beta = gamma / max(m2, _TINY), (n - gamma) / max(res2, _TINY)
-            done = abs(new_alpha / new_beta - alpha / beta) <= tol * alpha / beta
-            alpha, beta = new_alpha, new_beta
-            if done:
-                break
-        _, m2, res2 = fit(alpha, beta)
-        evidence = (rank / 2 * np.log(alpha) + n / 2 * np.log(beta)
-                    - 0.5 * np.log(alpha + beta * sigma).sum()
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
-        evidences.append(evidence / n)
-    return float(np.mean(evidences))
+    u, sigma, dims = _logme_spectrum(f, variant)
+    return float(np.mean([_log_evidence((codes == c).astype(np.float64), u, sigma, dims, variant)
+                          for c in range(classes)]))
 
 
 # -- LEEP, NLEEP, NCE ----------------------------------------------------------------------------
@@ -171,22 +219,30 @@ def leep(source_probs, labels, variant: str = "log") -> float:
     return float(np.log(np.maximum(expected, _TINY)).mean())
 
 
+NLEEP_VARIANTS = (*LEEP_VARIANTS, "reference")
+
+
 @order_invariant
 def nleep(features, labels, variant: str = "log", components_per_class: int = 5,
           variance: float = 0.8, seed: int = 0) -> float:
     """NLEEP (Li et al., 2021): LEEP with a pseudo source task, the posteriors of a Gaussian
     mixture (``components_per_class`` x C full-covariance components) fitted to the features
-    reduced by PCA to ``variance`` of their variance. Needs no source classifier."""
+    reduced by PCA to ``variance`` of their variance. Needs no source classifier.
+
+    ``"reference"`` is NLEEP as TencentARC/SFDA's code computes it: ``"prob"`` with sklearn's
+    absolute covariance floor (1e-6) rather than one relative to the data's variance."""
     from sklearn.mixture import GaussianMixture
 
-    _check_variant(variant, LEEP_VARIANTS, "nleep")
+    _check_variant(variant, NLEEP_VARIANTS, "nleep")
     f, codes, classes = check_inputs(features, labels, "features")
     reduced, explained = _pca(f, variance)
+    # sklearn's absolute default (1e-6) is scale-blind; keep it relative to the data.
+    floor = 1e-6 if variant == "reference" else 1e-6 * max(float(explained.mean()), 1.0)
     mixture = GaussianMixture(
         n_components=min(components_per_class * classes, f.shape[0]), covariance_type="full",
-        # sklearn's absolute default (1e-6) is scale-blind; keep it relative to the data.
-        reg_covar=1e-6 * max(float(explained.mean()), 1.0), random_state=seed)
-    return leep(mixture.fit(reduced).predict_proba(reduced), codes, variant)
+        reg_covar=floor, random_state=seed)
+    return leep(mixture.fit(reduced).predict_proba(reduced), codes,
+                "prob" if variant == "reference" else variant)
 
 
 def nce(source_probs, labels) -> float:
@@ -219,14 +275,21 @@ def hscore(features, labels) -> float:
     return _hscore(centred, codes, classes, centred.T @ centred / f.shape[0], 1.0)
 
 
-def regularized_hscore(features, labels) -> float:
+def regularized_hscore(features, labels, variant: str = "exact") -> float:
     """Shrinkage H-score (Ibrahim et al., 2022): the feature covariance replaced by its
-    Ledoit-Wolf shrinkage (1 - a) S + a mu I, and the between-class covariance scaled by 1 - a."""
+    Ledoit-Wolf shrinkage (1 - a) S + a mu I, and the between-class covariance scaled by 1 - a.
+
+    ``"exact"`` normalises both covariances by N; ``"reference"`` (Transfer-Learning-Library's
+    ``tllib.ranking``) takes the between-class one with ``np.cov`` (N - 1) against Ledoit-Wolf's
+    N, which scales the score by N / (N - 1)."""
     from sklearn.covariance import ledoit_wolf
 
+    _check_variant(variant, REFERENCE_VARIANTS, "hscore-reg")
     f, codes, classes = check_inputs(features, labels, "features")
+    n = f.shape[0]
     cov_f, shrinkage = ledoit_wolf(f)
-    return _hscore(f - f.mean(axis=0), codes, classes, cov_f, 1.0 - shrinkage)
+    between_scale = (1.0 - shrinkage) * (n / (n - 1) if variant == "reference" else 1.0)
+    return _hscore(f - f.mean(axis=0), codes, classes, cov_f, between_scale)
 
 
 # -- SFDA ----------------------------------------------------------------------------------------
@@ -236,9 +299,27 @@ def _shrunk(cov: np.ndarray, shrinkage: float) -> np.ndarray:
     return out
 
 
+def _largest_eigenvalue(matrix: np.ndarray, power_steps: int | None) -> float:
+    """The largest eigenvalue of a symmetric PSD matrix: exact (``power_steps`` None), or as
+    TencentARC/SFDA estimates it, ``power_steps`` rounds of two power-iteration products from
+    the row sums, then x^T A y of the last two unit vectors (at most the true value)."""
+    if power_steps is None:
+        return float(linalg.eigh(matrix, eigvals_only=True,
+                                 subset_by_index=[matrix.shape[0] - 1] * 2)[0])
+    x = matrix.sum(axis=1)
+    for _ in range(power_steps):
+        y = matrix @ x
+        y /= np.linalg.norm(y)
+        x = matrix @ y
+        x /= np.linalg.norm(x)
+    return float(x @ matrix @ y)
+
+
 def _fisher_posteriors(f: np.ndarray, codes: np.ndarray, classes: int,
-                       shrinkage: float | None) -> tuple[np.ndarray, float]:
-    """Class posteriors of a regularised Fisher discriminant, and its shrinkage.
+                       shrinkage: float | None,
+                       power_steps: int | None = None) -> tuple[np.ndarray, float]:
+    """Class posteriors of a regularised Fisher discriminant, and its shrinkage (adaptive where
+    ``shrinkage`` is None, from S_w's largest eigenvalue found as ``power_steps`` says).
 
     Projecting onto every Fisher direction W (with W^T S_w W = I, so W W^T = S_w^-1) and
     classifying by the nearest projected class mean is LDA with the shrunk within-class
@@ -249,22 +330,23 @@ def _fisher_posteriors(f: np.ndarray, codes: np.ndarray, classes: int,
     within = sum(priors[c] * np.cov(f[codes == c], rowvar=False, bias=True).reshape(
         f.shape[1], f.shape[1]) for c in range(classes))
     if shrinkage is None:  # adaptive: the larger the within-class spread, the less shrinkage
-        largest = linalg.eigh(within, eigvals_only=True,
-                              subset_by_index=[f.shape[1] - 1, f.shape[1] - 1])[0]
+        largest = _largest_eigenvalue(within, power_steps)
         shrinkage = max(float(np.exp(-5.0 * largest)), 1e-10)
     coef = linalg.solve(_shrunk(within, shrinkage), means.T, assume_a="sym").T
     intercept = -0.5 * np.einsum("cd,cd->c", means, coef) + np.log(priors)
     return softmax(f @ coef.T + intercept), shrinkage
 
 
-def sfda(features, labels) -> float:
+def sfda(features, labels, variant: str = "exact") -> float:
     """SFDA (Shao et al., 2022): the mean true-class probability of a regularised Fisher
     discriminant refitted after "ConfMix" self-challenging, which pulls each sample towards the
     mean of the other classes' means in proportion to how unsure the first fit was about it.
-    The shrinkage exp(-5 * largest eigenvalue of S_w) is computed exactly (the authors' code
-    approximates the eigenvalue with three power iterations)."""
+    The shrinkage exp(-5 * largest eigenvalue of S_w) takes the exact eigenvalue (``"exact"``)
+    or, as the authors' code (``"reference"``), three power-iteration steps' underestimate."""
+    _check_variant(variant, REFERENCE_VARIANTS, "sfda")
     f, codes, classes = check_inputs(features, labels, "features")
-    probs, shrinkage = _fisher_posteriors(f, codes, classes, None)
+    probs, shrinkage = _fisher_posteriors(f, codes, classes, None,
+                                          3 if variant == "reference" else None)
     confidence = softmax(probs)[np.arange(codes.size), codes][:, None]  # softened, as published
     means = _class_means(f, codes, classes)
     others = (means.sum(axis=0) - means) / (classes - 1)
@@ -275,16 +357,22 @@ def sfda(features, labels) -> float:
 
 # -- PARC ----------------------------------------------------------------------------------------
 @order_invariant
-def parc(features, labels, dims: int = 32) -> float:
+def parc(features, labels, variant: str = "exact", dims: int = 32) -> float:
     """PARC (Bolya et al., 2021): Spearman correlation (x100) between the pairwise dissimilarity
-    (1 - Pearson) of the samples' standardised PCA features and that of their one-hot labels."""
-    f, codes, classes = check_inputs(features, labels, "features")
-    reduced, _ = _pca(f, dims)
+    (1 - Pearson) of the samples' standardised PCA features and that of their labels (0 within a
+    class, 1 across; exactly, so that the ties Spearman ranks stay ties).
+
+    ``"exact"`` reduces with an exact PCA; ``"reference"`` as TencentARC/SFDA's code, with
+    sklearn's randomised PCA (random_state 1919, one power iteration)."""
+    _check_variant(variant, REFERENCE_VARIANTS, "parc")
+    f, codes, _ = check_inputs(features, labels, "features")
+    reduced, _ = (_pca(f, dims, random_state=1919, iterated_power=1) if variant == "reference"
+                  else _pca(f, dims))
     std = reduced.std(axis=0)
     reduced = (reduced - reduced.mean(axis=0)) / np.where(std > 0, std, 1.0)
     upper = np.triu_indices(codes.size, 1)
     feature_rdm = 1.0 - np.corrcoef(reduced)[upper]
-    label_rdm = 1.0 - np.corrcoef(np.eye(classes)[codes])[upper]
+    label_rdm = (codes[upper[0]] != codes[upper[1]]).astype(np.float64)
     return float(stats.spearmanr(feature_rdm, label_rdm).statistic * 100)
 
 
