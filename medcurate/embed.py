@@ -70,7 +70,7 @@ class _DecodeBatch:
 class _EmbedActor:
     """Holds one encoder; embeds preprocessed batches (bf16 autocast on GPU)."""
 
-    def __init__(self, model: str, weights: str | None, threads: int | None):
+    def __init__(self, model: str, weights: str | None, threads: int | None, workspace: str):
         import torch
 
         from medcurate.models import create_encoder
@@ -78,7 +78,7 @@ class _EmbedActor:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = create_encoder(model, weights=weights).to(self.device)
+        self.encoder = create_encoder(model, weights=weights, workspace=workspace).to(self.device)
         if self.device == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
 
@@ -185,7 +185,8 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
     if workspace.exists("embeddings", run_id) and not config.overwrite:
         return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True}
     manifest = read_manifest(workspace, config.collection)
-    encoder = create_encoder(config.model, weights=config.weights)  # fails early on bad specs
+    # fails early on bad specs
+    encoder = create_encoder(config.model, weights=config.weights, workspace=workspace)
     description = encoder.describe()
     collection_record = workspace.provenance("collections", config.collection)
     plan = {"run_id": run_id, "config": config.model_dump(), "encoder": description,
@@ -243,7 +244,8 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
         .map_batches(_DecodeBatch(preprocessing), batch_format="pyarrow",
                      batch_size=model.batch_size, num_cpus=decode.num_cpus, **env)
         .map_batches(_EmbedActor, fn_constructor_args=(config.model, config.weights,
-                                                       model.threads),
+                                                       model.threads,
+                                                       run.workspace.worker_root),
                      batch_format="numpy", batch_size=model.batch_size,
                      num_cpus=model.num_cpus, num_gpus=model.num_gpus,
                      concurrency=model.concurrency, **env)

@@ -146,6 +146,12 @@ class Workspace:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def worker_root(self) -> str:
+        """The root as another process opens it (a Ray worker's working directory may differ):
+        a store's URI, a local folder's absolute path."""
+        return self.uri if "://" in self.uri else self.root
+
     def check(self) -> None:
         """Fail early, in one line that names the URI and the fix, where the store cannot be
         read (no such bucket, refused credentials, nothing listening), before any work."""

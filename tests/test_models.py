@@ -12,7 +12,7 @@ import torch
 
 from medcurate.errors import MedcurateError
 from medcurate.models import (DEFAULT_ENCODER, Encoder, Preprocessing, create_encoder, fu_layers,
-                              list_encoders, preprocess_batch)
+                              list_encoders, preprocess_batch, source_collections)
 from medcurate.models.registry import _Entry, file_sha256
 
 torch.set_num_threads(2)
@@ -324,7 +324,7 @@ def test_mae_checkpoint(tmp_path):
 # -- specs and layers ---------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["resnet50", "timm/", "timm/no_such_model_xyz",
                                   "timm/vit_base_patch16_224.no_such_tag", "random/no_such_arch_xyz",
-                                  "hub/resnet18", ""])
+                                  "hub/resnet18", "", "model:"])
 def test_unknown_specs_list_what_is_known(spec):
     with pytest.raises(MedcurateError) as info:
         create_encoder(spec)
@@ -332,6 +332,31 @@ def test_unknown_specs_list_what_is_known(spec):
         message = str(info.value)
         assert all(name in message for name in list_encoders())
         assert "timm/" in message and "random/" in message and "mae:" in message
+        assert "model:<run>" in message
+
+
+def test_workspace_model_specs_fail_clearly(tmp_path):
+    """A run the workspace lacks, or a weights file besides one, is an error naming the fix."""
+    from medcurate.workspace import Workspace
+
+    workspace = Workspace(str(tmp_path / "ws"))
+    for call in (lambda: create_encoder("model:no-such-run", workspace=workspace),
+                 lambda: source_collections("model:no-such-run", workspace)):
+        with pytest.raises(MedcurateError, match="has no model 'no-such-run'"):
+            call()
+    with pytest.raises(MedcurateError, match="takes no separate weights file"):
+        create_encoder("model:run", weights=str(tmp_path / "w.pt"), workspace=workspace)
+
+
+def test_weights_from_outside_a_workspace_record_no_source(tmp_path):
+    """Packaged, timm and random weights, and an MAE file without provenance beside it: no
+    collection of this project trained them, so none is excluded for it."""
+    mae = pytest.importorskip("medcurate.models.mae")
+    path = tmp_path / "mae.pt"
+    mae.save_checkpoint(mae.build_mae("mae-vit-tiny", img_size=32, patch_size=8, in_chans=1,
+                                      depth=1), path, meta={})
+    for spec in (*NAMED, DEFAULT_ENCODER, "random/mobilenetv2", f"mae:{path}"):
+        assert source_collections(spec) == []
 
 
 def test_list_encoders():

@@ -509,3 +509,64 @@ def test_source_classifier_is_the_imagenet_head_or_none():
     weight, bias = source_classifier(create_encoder("mobilenetv2-imagenet"))
     assert weight.shape == (1000, 1280) and bias.shape == (1000,)
     assert source_classifier(create_encoder("random/mobilenetv2")) is None
+
+
+def test_relative_fu_divides_each_layers_gradient_norm_by_its_weight_norm():
+    torch.manual_seed(1)
+    images, labels = torch.randn(36, 3, 12, 12), np.arange(36) % 3
+    net = _tiny_cnn()
+    value = fu_score(net, "0", "2", lambda idx: images[idx], labels, relative=True)
+    # By hand: each batch's gradient wrt both weights, norms over weight norms, batch means.
+    first, second = net[0].weight, net[2].weight
+    ratios = []
+    for start in range(0, 36, 6):
+        loss = triplet_margin_loss(net(images[start:start + 6]),
+                                   torch.as_tensor(labels[start:start + 6]))
+        if loss is not None:
+            grads = torch.autograd.grad(loss, [first, second])
+            ratios.append([float(g.norm() / w.detach().norm())
+                           for g, w in zip(grads, (first, second))])
+    expected = np.mean(ratios, axis=0)
+    assert value == pytest.approx(expected[1] / expected[0], rel=1e-6)
+    assert value != pytest.approx(fu_score(net, "0", "2", lambda idx: images[idx], labels))
+
+
+def _conv_bn_net(scale: float) -> nn.Module:
+    """A conv then BatchNorm (eval mode, fixed statistics), the first conv scaled by ``scale``
+    and the BatchNorm's mean, variance and eps with it: the same function for every scale."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.randn(8) * scale)
+        net[1].running_var.copy_((torch.rand(8) + 0.5) * scale ** 2)
+        net[1].eps *= scale ** 2
+        net[0].weight *= scale
+    return net.eval()
+
+
+def test_scaling_a_normalised_first_layer_moves_fu_by_c_and_relative_fu_by_c_squared():
+    """w1 -> c·w1 before a BatchNorm leaves the function unchanged, so the loss gradient wrt
+    w1 becomes g1/c and the second layer's stays: FU = ‖g2‖/‖g1‖ grows by c, while the relative
+    FU, (‖g2‖/‖w2‖)/(‖g1‖/‖w1‖), grows by c² (‖w1‖ grows by c too). The relative variant is
+    free of a layer's parameter count, not of every reparametrisation."""
+    torch.manual_seed(1)
+    images, labels = torch.randn(36, 3, 12, 12), np.arange(36) % 3
+    c = 4.0
+    base, scaled = _conv_bn_net(1.0), _conv_bn_net(c)
+    with torch.no_grad():
+        assert torch.allclose(base(images), scaled(images), atol=1e-5)
+
+    def fu(net: nn.Module, relative: bool) -> float:
+        return fu_score(net, "0", "3", lambda idx: images[idx], labels, relative=relative)
+
+    assert fu(scaled, False) == pytest.approx(c * fu(base, False), rel=1e-4)
+    assert fu(scaled, True) == pytest.approx(c ** 2 * fu(base, True), rel=1e-4)
+
+
+def test_fu_variants_are_paper_by_default_and_relative_on_request():
+    requests = parse_metrics(["lp", "fu", "fu:relative", "fu:paper"])
+    assert [r.column for r in requests] == ["lp", "fu", "fu:relative"]
+    assert "fu:relative" not in [r.column for r in parse_metrics(["all"])]
+    with pytest.raises(MedcurateError, match="no variant 'rms' .*its variants: paper, relative"):
+        parse_metrics(["fu:rms"])

@@ -160,3 +160,112 @@ def test_bad_input_is_a_clear_error_before_any_work(breast, tmp_path):
         assert fragment in result.stderr and "Traceback" not in result.stderr
     assert before == {kind: workspace.list(kind) for kind in ("collections", "embeddings",
                                                                "scores")}
+
+
+def test_relative_fu_is_a_column_beside_the_papers_fu_and_score(breast):
+    workspace, config, document = breast
+    update = {"metrics": ["lp", "fu", "fu:relative"], "score_id": "breast-fu-relative"}
+    relative = score(config.model_copy(update=update), workspace)
+    assert relative["metrics"] == ["score", "lp", "fu", "fu:relative"]
+    before = {row["model"]: row["values"] for row in document["models"]}
+    for row in relative["models"]:  # the paper's score and FU are untouched by the variant
+        for column in ("score", "lp", "fu"):
+            assert row["values"][column] == pytest.approx(before[row["model"]][column])
+        assert row["values"]["fu:relative"] > 0
+
+
+# -- fine-tuned models as zoo entries, self-sources left out by provenance ------------------------
+TUNED_ZOO = """models:
+  - {name: tuned, model: "model:tuned"}
+  - {name: mobilenetv2-random, model: random/mobilenetv2}
+"""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, shared_data, ray_session):
+    """BreastMNIST under three names: an MAE pretrained (briefly) on ``breast-mae``, fine-tuned
+    (one epoch, 32 px) on ``breast`` as run ``tuned``; ``breast-other`` is a target neither saw."""
+    from medcurate.config import FinetuneConfig, PretrainConfig
+    from medcurate.train.finetune import finetune
+    from medcurate.train.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("tuned")
+    workspace = Workspace(str(root / "ws"))
+    for name in ("breast", "breast-mae", "breast-other"):
+        ingest(IngestConfig(source=str(shared_data / "breastmnist" / "breastmnist.npz"),
+                            name=name), workspace)
+    mae = pretrain(PretrainConfig(collection="breast-mae", img_size=32, patch_size=8, depth=1,
+                                  epochs=1, max_images=64, name="mae"), workspace)
+    finetune(FinetuneConfig(train="breast", run_id="tuned", model=f"mae:{mae['checkpoint']}",
+                            mode="full", augment=False, epochs=1, folds=1, metrics=["auc"]),
+             workspace)
+    zoo = root / "zoo.yaml"
+    zoo.write_text(TUNED_ZOO)
+    return workspace, zoo, mae
+
+
+def test_a_finetuned_run_is_an_encoder_with_its_training_preprocessing(tuned):
+    """``model:<run>``: the fine-tuned backbone, as trained, named by run and hash."""
+    from medcurate.models import create_encoder, source_collections
+    from medcurate.train.finetune import MODEL_FILE
+
+    workspace, _, mae = tuned
+    encoder = create_encoder("model:tuned", workspace=workspace)
+    saved = torch.load(Path(workspace.path("models", "tuned", MODEL_FILE)), weights_only=True)
+    record = workspace.provenance("models", "tuned")
+    described = encoder.describe()
+    assert described["spec"] == "model:tuned" and described["embed_dim"] == 192
+    assert described["weights"] == workspace.path("models", "tuned", MODEL_FILE)
+    assert described["weights_sha256"] == record["outputs"][MODEL_FILE]["sha256"]
+    assert described["preprocessing"] == saved["preprocessing"]  # 32 px, the MAE's mean/std
+    # The backbone is the fine-tuned one (not the MAE it started from), its head dropped.
+    backbone = {f"backbone.{k}": v for k, v in encoder.backbone.state_dict().items()}
+    assert set(saved["states"][0]) - set(backbone) == {"head.1.weight", "head.1.bias"}
+    assert all(torch.equal(v, saved["states"][0][k]) for k, v in backbone.items())
+    start = create_encoder(saved["model"])
+    assert not torch.equal(start.backbone.patch_embed.proj.weight,
+                           encoder.backbone.patch_embed.proj.weight)
+    with torch.no_grad():
+        assert encoder(torch.zeros(2, 1, 32, 32)).shape == (2, 192)
+    # Its sources: the collection it was fine-tuned on and, through the MAE, pretrained on.
+    assert source_collections("model:tuned", workspace) == ["breast", "breast-mae"]
+    assert source_collections(saved["model"], workspace) == ["breast-mae"]
+    assert source_collections("model:mae", workspace) == ["breast-mae"]
+    assert create_encoder("model:mae", workspace=workspace).describe()["weights"] == mae["checkpoint"]
+
+
+def test_scoring_excludes_a_model_trained_on_the_target_by_provenance(tuned):
+    """Left out (and recorded) for its own training collection, ranked for another one."""
+    workspace, zoo, _ = tuned
+    own = score(ScoreConfig(target="breast", zoo=str(zoo), per_class=20, metrics=["lp"]),
+                workspace)
+    assert own["ranking"] == ["mobilenetv2-random"]
+    assert own["excluded"] == {"tuned": {"spec": "model:tuned", "sources": ["breast", "breast-mae"],
+                                         "reason": "trained on the target 'breast' (by provenance)"}}
+    record = workspace.provenance("scores", own["score_id"])
+    assert record["summary"]["excluded"] == own["excluded"]
+    assert "tuned: excluded, trained on the target 'breast'" in format_table(own)
+    other = score(ScoreConfig(target="breast-other", zoo=str(zoo), per_class=20,
+                              metrics=["lp"]), workspace)
+    assert other["excluded"] == {} and sorted(other["ranking"]) == ["mobilenetv2-random", "tuned"]
+    row = next(r for r in other["models"] if r["model"] == "tuned")
+    embedded = workspace.provenance("embeddings", row["embedding_run"])
+    assert embedded["model"]["spec"] == "model:tuned" and row["embed_dim"] == 192
+    assert np.isfinite(row["values"]["lp"])
+
+
+def test_a_zoo_trained_only_on_the_target_or_naming_a_missing_run_is_refused(tuned, tmp_path):
+    """Both fail before any work: nothing to rank, or a run the workspace lacks."""
+    workspace, _, _ = tuned
+    only_own = tmp_path / "own.yaml"
+    only_own.write_text('models:\n  - {name: tuned, model: "model:tuned"}\n'
+                        '  - {name: mae, model: "model:mae"}\n')
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(TUNED_ZOO.replace("model:tuned", "model:no-such-run"))
+    before = workspace.list("scores")
+    for target, zoo, fragment in [("breast-mae", only_own, "every model of"),
+                                  ("breast", missing, "has no model 'no-such-run'")]:
+        with pytest.raises(MedcurateError, match=fragment):
+            score(ScoreConfig(target=target, zoo=str(zoo), per_class=20, metrics=["lp"]),
+                  workspace)
+    assert workspace.list("scores") == before

@@ -6,7 +6,8 @@ and should not pay for importing torch, timm and torchvision.
 
 from medcurate.models.preprocess import Preprocessing, preprocess_batch
 
-_REGISTRY_NAMES = ("DEFAULT_ENCODER", "Encoder", "create_encoder", "fu_layers", "list_encoders")
+_REGISTRY_NAMES = ("DEFAULT_ENCODER", "Encoder", "create_encoder", "fu_layers", "list_encoders",
+                   "source_collections")
 
 __all__ = ["Preprocessing", "preprocess_batch", *_REGISTRY_NAMES]
 

@@ -6,7 +6,13 @@ Spec forms:
   they work on machines that cannot reach any model hub;
 - ``timm/<name>``: any timm model, weights from ``weights=PATH`` or else from the hub (or its cache);
 - ``random/<arch>``: the same networks at a seeded random init, only ever when asked for by name;
-- ``mae:<checkpoint>``: an encoder from this project's own MAE pretraining.
+- ``mae:<checkpoint>``: an encoder from this project's own MAE pretraining;
+- ``model:<run>``: a model the workspace holds under ``models/<run>/``: the backbone of a
+  ``medcurate finetune`` classifier (head dropped, preprocessing as trained), or an MAE of
+  ``medcurate pretrain``.
+
+``source_collections`` says, from provenance, which collections a spec's weights were trained
+on, so that a transferability evaluation never scores a model on its own training data.
 
 Missing weights are an error, never a silent fall-back to random init: embeddings from an
 untrained network look like embeddings and would quietly spoil every later step.
@@ -16,11 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -28,6 +37,9 @@ from torch import nn
 
 from medcurate.errors import MedcurateError
 from medcurate.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+if TYPE_CHECKING:
+    from medcurate.workspace import Workspace
 
 DEFAULT_ENCODER = "timm/vit_base_patch16_224.mae"
 RANDOM_SEED = 0
@@ -350,31 +362,149 @@ def _mae(spec: str, checkpoint: str) -> Encoder:
                    weights=path, weights_sha256=sha256(path))
 
 
+# -- models of the workspace ----------------------------------------------------------------------
+MODEL_PREFIX = "model:"
+_COLLECTION_ROLES = ("collection", "synthetic_collection")
+
+
+def _open_workspace(workspace: Workspace | str | None) -> Workspace:
+    """A ``Workspace`` from one, a root URI, or None (``MEDCURATE_WORKSPACE``, else the default)."""
+    from medcurate.workspace import Workspace
+
+    return workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+
+
+def _workspace_model(spec: str, workspace: Workspace | str | None) -> tuple[Workspace, str]:
+    """(workspace, run) of a ``model:<run>`` spec, or a clear error where the run is not there."""
+    run = spec[len(MODEL_PREFIX):]
+    ws = _open_workspace(workspace)
+    if not ws.exists("models", run):
+        raise MedcurateError(f"{spec}: the workspace {ws.uri} has no model {run!r} (models/<run>/ "
+                             "is what medcurate finetune or medcurate pretrain publishes)")
+    return ws, run
+
+
+def _architecture(spec: str, workspace: Workspace) -> Encoder:
+    """The network a spec names, at random init where its architecture alone says enough: a
+    fine-tuned state replaces every weight, so the starting weights (a hub download, a
+    package) need not be at hand. MAE and workspace models keep their architecture in their file."""
+    if spec in _REGISTRY:
+        return _random(spec, _REGISTRY[spec].arch)
+    kind, _, rest = spec.partition("/")
+    if kind in ("timm", "random") and rest:
+        return _random(spec, rest)
+    return create_encoder(spec, workspace=workspace)
+
+
+def _finetuned(spec: str, workspace: Workspace | str | None) -> Encoder:
+    """The backbone of a fine-tuned classifier (``Classifier`` of the finetune command, rebuilt
+    and loaded strictly, then its head dropped), normalising inputs as its training did."""
+    from medcurate.models.mae import CHECKPOINT_FORMAT
+    from medcurate.train.finetune import MODEL_FILE, Classifier
+
+    ws, run = _workspace_model(spec, workspace)
+    path = ws.path("models", run, MODEL_FILE)
+    data = ws.read_bytes(path)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if payload.get("format") == CHECKPOINT_FORMAT:  # pretrain's MAE: the mae: loader reads it
+        return _mae(spec, ws.location(path))
+    states = payload["states"]
+    if len(states) != 1:
+        raise MedcurateError(f"{spec}: run {run!r} holds {len(states)} models, one per fold; "
+                             "an encoder comes from a run trained as one model (--folds 1)")
+    base = _architecture(payload["model"], ws)
+    classifier = Classifier(base.backbone, base.embed_dim, len(payload["classes"]))
+    try:
+        classifier.load_state_dict(states[0])
+    except RuntimeError as exc:
+        raise MedcurateError(f"{spec}: its weights do not fit {payload['model']}: {exc}") from None
+    prep = payload["preprocessing"]
+    return Encoder(classifier.backbone.eval(), spec=spec, embed_dim=base.embed_dim,
+                   preprocessing=Preprocessing(prep["input_size"], prep["in_chans"],
+                                               tuple(prep["mean"]), tuple(prep["std"])),
+                   weights=ws.location(path), weights_sha256=hashlib.sha256(data).hexdigest())
+
+
+def _collection_key(uri: str) -> str:
+    """A collection's name from a provenance input: its key, or the path of its folder
+    (``…/collections/<key>`` or ``…/collections/<key>/versions/<version>``)."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-2] == "versions" and parts[-4] == "collections":
+        return parts[-3]
+    return parts[-1]
+
+
+def _sidecar_provenance(checkpoint: str) -> dict | None:
+    """The provenance published beside a checkpoint (a workspace model's), or None for a file
+    from elsewhere."""
+    from medcurate.workspace import PROVENANCE_FILE, resolve_filesystem
+
+    fs, path = resolve_filesystem(checkpoint)
+    try:
+        with fs.open_input_stream(f"{path.rsplit('/', 1)[0]}/{PROVENANCE_FILE}") as stream:
+            record = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("kind") == "model" else None
+
+
+def _recorded_sources(record: dict | None, workspace: Workspace | str | None) -> set[str]:
+    """A model's training collections by its provenance, and, through the spec it started
+    from (a fine-tuned model's), what that one was trained on."""
+    if record is None:
+        return set()
+    sources = {_collection_key(ref["uri"]) for ref in record.get("inputs", [])
+               if ref.get("role") in _COLLECTION_ROLES}
+    start = (record.get("model") or {}).get("spec")
+    return sources | (set(source_collections(start, workspace)) if start else set())
+
+
+def source_collections(spec: str, workspace: Workspace | str | None = None) -> list[str]:
+    """The collections a spec's weights were trained on, as their provenance records them: a
+    model trained on a target has seen its images, so it is no fair candidate for it. Empty
+    where nothing is recorded: packaged and timm weights, random init, an MAE from elsewhere."""
+    if spec.startswith(MODEL_PREFIX):
+        ws, run = _workspace_model(spec, workspace)
+        return sorted(_recorded_sources(ws.provenance("models", run), ws))
+    if spec.startswith("mae:"):
+        return sorted(_recorded_sources(_sidecar_provenance(spec[len("mae:"):]), workspace))
+    return []
+
+
 # -- the factory --------------------------------------------------------------------------------
 def _unknown(spec: str) -> MedcurateError:
     return MedcurateError(
         f"unknown encoder spec {spec!r}. Known: {', '.join(list_encoders())}; or timm/<timm model name> "
         f"(e.g. {DEFAULT_ENCODER}); random/<arch> for a seeded random init, arch one of "
-        f"{', '.join(sorted(_BY_ARCH))} or a timm model name; mae:<checkpoint path> for this project's MAE.")
+        f"{', '.join(sorted(_BY_ARCH))} or a timm model name; mae:<checkpoint path> for this project's MAE; "
+        f"model:<run> for a model of the workspace.")
 
 
-def create_encoder(spec: str, weights: str | None = None) -> Encoder:
-    """The encoder a spec names, in eval mode; ``weights`` (a file path) replaces its usual weights."""
+def create_encoder(spec: str, weights: str | None = None,
+                   workspace: Workspace | str | None = None) -> Encoder:
+    """The encoder a spec names, in eval mode; ``weights`` (a file path) replaces its usual weights.
+
+    ``workspace`` (a ``Workspace`` or its root URI; default ``MEDCURATE_WORKSPACE``) is where a
+    ``model:<run>`` spec is looked up: Ray workers are handed it, as they may not share the
+    driver's environment.
+    """
     if spec in _REGISTRY:
         return _named(spec, _REGISTRY[spec], weights)
-    if spec.startswith("mae:"):
-        kind, rest = "mae", spec[len("mae:"):]
+    if spec.startswith(("mae:", MODEL_PREFIX)):
+        kind, _, rest = spec.partition(":")
     else:
         kind, _, rest = spec.partition("/")
-    if kind not in ("timm", "random", "mae") or not rest:
+    if kind not in ("timm", "random", "mae", "model") or not rest:
         raise _unknown(spec)
     if kind == "timm":
         return _timm(spec, rest, weights)
-    if kind in ("random", "mae") and weights:
+    if weights:
         raise MedcurateError(f"{spec} takes no separate weights file; drop --weights "
                              f"(or use a named or timm/ spec to load {weights})")
     if kind == "random":
         return _random(spec, rest)
+    if kind == "model":
+        return _finetuned(spec, workspace)
     return _mae(spec, rest)
 
 

@@ -4,7 +4,9 @@ Per target, the weighted Kendall tau (``scipy.stats.weightedtau``: hyperbolic we
 agreement at the top of the ranking counts most) between each metric's scores of the source
 models and their fine-tuned AUCs, and a table ranking the metrics on every target. Reads the
 published tables of Juodelyte et al.: wide CSVs, one row per source model (a pandas index
-column, then ``source``), one column per target, the source == target cell empty.
+column, then ``source``), one column per target, the source == target cell empty. A source
+trained on the target is left out where its cells are empty, never by its name: names say
+nothing of training data (``medcurate score`` leaves such sources out by provenance).
 """
 
 from __future__ import annotations
@@ -59,19 +61,19 @@ def read_wide_table(path: str | Path) -> WideTable:
 def paper_scores(lp: WideTable, fu: WideTable) -> WideTable:
     """minmax(LP) * minmax(FU) per target column, each normalised over every source the table
     has a value for. As in the published notebooks, the target's own row takes part in the
-    normalisation where it has a value (FU does, LP does not) and is left out only of tau."""
+    normalisation where it has a value (FU does, LP does not); its empty LP cell leaves it
+    out of tau."""
     values = np.stack([minmax(lp.column(t)) * minmax(fu.column(t, lp.rows))
                        for t in lp.columns], axis=1)
     return WideTable(lp.rows, lp.columns, values)
 
 
 def weighted_tau(scores: WideTable, aucs: WideTable) -> dict[str, float]:
-    """Per target: ``weightedtau(score, auc)`` over the sources with both values, the target
-    itself excluded (NaN when all scores are equal, e.g. SFDA saturating at 1)."""
+    """Per target: ``weightedtau(score, auc)`` over the sources with both values (NaN when all
+    scores are equal, e.g. SFDA saturating at 1)."""
     taus = {}
     for target in scores.columns:
-        keep = tuple(source for source in scores.rows if source != target)
-        score, auc = scores.column(target, keep), aucs.column(target, keep)
+        score, auc = scores.column(target), aucs.column(target, scores.rows)
         finite = np.isfinite(score) & np.isfinite(auc)
         taus[target] = float(stats.weightedtau(score[finite], auc[finite]).statistic)
     return taus

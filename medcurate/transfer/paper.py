@@ -9,7 +9,8 @@ Two parts, each measured on a class-stratified probe of the target's training im
   margin loss on the embeddings of each batch (floor(N/6) images, in probe order) is
   back-propagated; FU is the mean L2 norm of the weight gradient of the second conv layer over
   that of the first. Early layers that would move a lot relative to the stem suggest features
-  that fine-tuning can still adapt.
+  that fine-tuning can still adapt. Variant ``relative`` (not the paper's) divides each layer's
+  gradient norm by its weight norm, meant for zoos that mix architectures (see ``fu_score``).
 
 Across a zoo, score = minmax(LP) * minmax(FU).
 """
@@ -26,6 +27,7 @@ from medcurate.errors import MedcurateError
 from medcurate.transfer.metrics import check_inputs, minmax, order_invariant
 
 FU_BATCHES = 6
+FU_VARIANTS = ("paper", "relative")
 TRIPLET_MARGIN = 0.05
 
 
@@ -65,7 +67,8 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor,
 
 def fu_score(backbone: torch.nn.Module, first: str, second: str,
              batch_pixels: Callable[[np.ndarray], torch.Tensor], labels,
-             embeddings: np.ndarray | None = None, chunk: int = 32) -> float:
+             embeddings: np.ndarray | None = None, chunk: int = 32,
+             relative: bool = False) -> float:
     """FU of ``backbone`` (pooled features out, in eval mode) for the probe's images.
 
     ``first``/``second`` name the conv layers within ``backbone``; ``batch_pixels(indices)``
@@ -74,6 +77,17 @@ def fu_score(backbone: torch.nn.Module, first: str, second: str,
     at a time: the same gradient as one pass over the batch (eval mode: no batch statistics), in
     bounded memory, whatever the probe size. ``embeddings``, the probe's cached features where
     the caller has them, spare the forward pass that would recompute them.
+
+    ``relative`` divides each layer's gradient norm by its weight's norm, ‖g‖/‖w‖, before the
+    same mean over batches and ratio (the weights are fixed, so this is the paper's FU times
+    ‖w_first‖/‖w_second‖). The paper's ‖g‖ grows with a layer's size and weight scale, which
+    differ by architecture (a ViT's patch projection and qkv against a CNN's 3×3 convs), so
+    its FU largely tells architectures apart. ‖g‖/‖w‖ = RMS(g)/RMS(w) is the layer's own
+    relative movement under fine-tuning, ‖Δw‖/‖w‖ = η‖g‖/‖w‖ for an SGD step of rate η,
+    whatever its parameter count. It does not undo every change of parametrisation: scaling
+    the first layer by c where a normalisation follows leaves the network's function unchanged,
+    divides its ‖g‖ by c and its ‖g‖/‖w‖ by c² (SGD's relative step really shrinks so), so the
+    paper's FU grows by c and the relative one by c².
     """
     codes = torch.as_tensor(np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1))
     n = len(codes)
@@ -88,6 +102,7 @@ def fu_score(backbone: torch.nn.Module, first: str, second: str,
         parameter.requires_grad_(False)
     for weight in layers:
         weight.requires_grad_(True)
+    scales = [float(weight.detach().norm(p=2)) if relative else 1.0 for weight in layers]
     norms = []
     for start in range(0, n, size):
         rows = np.arange(start, min(start + size, n))
@@ -109,7 +124,8 @@ def fu_score(backbone: torch.nn.Module, first: str, second: str,
         for piece in pieces:
             backbone(batch_pixels(piece).to(device)).backward(grad[offset:offset + len(piece)])
             offset += len(piece)
-        norms.append([float(weight.grad.norm(p=2)) for weight in layers])
+        norms.append([float(weight.grad.norm(p=2)) / scale
+                      for weight, scale in zip(layers, scales)])
     if not norms:
         raise MedcurateError("FU: no batch of the probe holds a triplet with a non-zero loss")
     first_norm, second_norm = np.mean(norms, axis=0)

@@ -1,5 +1,7 @@
 """``medcurate score``: rank a zoo of pretrained encoders for a target collection, no fine-tuning.
 
+0. Self-sources: a zoo model whose provenance says it was trained on the target (a fine-tuned
+   ``model:<run>``, a workspace MAE) is left out of the ranking, and recorded as excluded.
 1. Probe: a class-stratified sample of the target's training images (``per_class`` per class,
    seeded), published as its own collection so its features are cached like any other.
 2. Features: every zoo model embeds the probe through the embedding pipeline; a finished run
@@ -42,12 +44,12 @@ from medcurate.embed import embed, load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import load_rows
-from medcurate.models import create_encoder, fu_layers, preprocess_batch
+from medcurate.models import create_encoder, fu_layers, preprocess_batch, source_collections
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray
 from medcurate.transfer import metrics as m
 from medcurate.transfer.evaluate import metric_agreement
-from medcurate.transfer.paper import FU_BATCHES, fu_score, lp_score, paper_score
+from medcurate.transfer.paper import FU_BATCHES, FU_VARIANTS, fu_score, lp_score, paper_score
 from medcurate.transfer.zoo import ZooEntry, load_zoo, source_classifier
 from medcurate.workspace import PROVENANCE_FILE, Workspace, validate_key
 
@@ -66,7 +68,7 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     "lp": Metric(lp_score, "features"),
-    "fu": Metric(None, "images"),
+    "fu": Metric(None, "images", FU_VARIANTS, "paper"),
     "logme": Metric(m.logme, "features", m.REFERENCE_VARIANTS, "exact"),
     "leep": Metric(m.leep, "source", m.LEEP_VARIANTS, "log"),
     "nce": Metric(m.nce, "source"),
@@ -179,7 +181,7 @@ def score_model(entry: ZooEntry, workspace_uri: str, run_id: str, image_rows: di
     torch.set_num_threads(threads)
     rows, features = load_embeddings(Workspace(workspace_uri), run_id)
     labels = np.array(rows.column("label").to_pylist(), dtype=object).astype(str)
-    encoder = create_encoder(entry.model, weights=entry.weights)
+    encoder = create_encoder(entry.model, weights=entry.weights, workspace=workspace_uri)
     if torch.cuda.is_available():
         encoder = encoder.to("cuda")
 
@@ -189,12 +191,12 @@ def score_model(entry: ZooEntry, workspace_uri: str, run_id: str, image_rows: di
         return None if head is None else m.softmax(features.astype(np.float64) @ head[0].T
                                                    + head[1])
 
-    def fu() -> float:
+    def fu(variant: str) -> float:
         images = load_rows(image_rows)
         return fu_score(encoder.backbone, *fu_layers(encoder),
                         lambda idx: torch.from_numpy(preprocess_batch(
                             [images[i] for i in idx], encoder.preprocessing)), labels,
-                        embeddings=features)
+                        embeddings=features, relative=variant == "relative")
 
     values, notes, timing = {}, {}, {}
     with threadpool_limits(threads):
@@ -206,7 +208,7 @@ def score_model(entry: ZooEntry, workspace_uri: str, run_id: str, image_rows: di
             started = time.monotonic()
             try:
                 if metric.needs == "images":
-                    values[key] = fu()
+                    values[key] = fu(request.variant)
                 elif metric.needs == "source" and source_probs() is None:
                     values[key], notes[key] = None, NO_SOURCE
                 elif metric.needs == "source":
@@ -228,6 +230,20 @@ def _call(metric: Metric, matrix: np.ndarray, labels: np.ndarray, variant: str |
 
 
 # -- the zoo ------------------------------------------------------------------------------------
+def self_sources(zoo: list[ZooEntry], target: str, workspace: Workspace) -> dict[str, dict]:
+    """The zoo's models trained on the target itself, by provenance (through a fine-tuned
+    model's starting encoder too), with their spec, sources and why: they have seen the
+    target's images, so their scores would not measure transfer; they are left out."""
+    excluded = {}
+    for entry in zoo:
+        sources = source_collections(entry.model, workspace)
+        if target in sources:
+            excluded[entry.name] = {
+                "spec": entry.model, "sources": sources,
+                "reason": f"trained on the target {target!r} (by provenance)"}
+    return excluded
+
+
 def _run_models(zoo: list[ZooEntry], workspace: Workspace, runs: dict[str, str],
                 image_rows: dict, requests: list[Request]) -> dict[str, dict]:
     """One Ray task per model. Each declares ``cpus // models`` CPUs (at least one, at most 8)
@@ -238,8 +254,8 @@ def _run_models(zoo: list[ZooEntry], workspace: Workspace, runs: dict[str, str],
     per_task = max(1, min(8, cpus // len(zoo)))
     task = ray.remote(score_model).options(
         num_cpus=per_task, num_gpus=min(1.0, gpus / len(zoo)) if gpus else 0, max_retries=0)
-    root = workspace.uri if "://" in workspace.uri else workspace.root  # workers' cwd may differ
-    pending = {task.remote(entry, root, runs[entry.name], image_rows, requests, per_task):
+    pending = {task.remote(entry, workspace.worker_root, runs[entry.name], image_rows, requests,
+                           per_task):
                entry.name for entry in zoo}
     results = {}
     while pending:
@@ -317,6 +333,12 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
     started = utc_now()
     requests = parse_metrics(config.metrics)
     zoo = load_zoo(config.zoo)
+    excluded = self_sources(zoo, config.target, workspace)
+    zoo = [entry for entry in zoo if entry.name not in excluded]
+    if not zoo:
+        raise MedcurateError(f"every model of {config.zoo} was trained on {config.target!r} "
+                             f"(by provenance: {', '.join(excluded)}); scoring for it needs "
+                             "models trained elsewhere")
     manifest = read_manifest(workspace, config.target)
     target_record = workspace.provenance("collections", config.target)
     manifest_sha = target_record["outputs"][MANIFEST_FILE]["sha256"]
@@ -336,7 +358,8 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
         return {**workspace.read_json(workspace.path("scores", score_id, SCORES_JSON)),
                 "reused": True}
     # Build every encoder once before any work: unknown specs and missing weights fail here.
-    encoders = {e.name: create_encoder(e.model, weights=e.weights).describe() for e in zoo}
+    encoders = {e.name: create_encoder(e.model, weights=e.weights, workspace=workspace).describe()
+                for e in zoo}
     clock = time.monotonic()
     probe = ensure_probe(workspace, config.target, manifest, manifest_sha, indices,
                          config.per_class, config.seed)
@@ -361,6 +384,7 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
     document = {
         "score_id": score_id, "target": config.target, "ranked_by": ranked_by,
         "metrics": header, "ranking": [names[i] for i in order], "models": models,
+        "excluded": excluded,
         "agreement": {"method": "kendall tau between two metrics' scores across the zoo",
                       "matrix": agreement},
         "probe": {"collection": probe, "images": len(indices), "per_class": config.per_class,
@@ -394,7 +418,8 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
             seed=config.seed, inputs=inputs,
             outputs={name: _output_ref(data) for name, data in files.items()},
             summary={"target": config.target, "ranked_by": ranked_by,
-                     "ranking": document["ranking"], "probe_images": len(indices),
+                     "ranking": document["ranking"], "excluded": excluded,
+                     "probe_images": len(indices),
                      "encoders": encoders, "timing_s": document["timing_s"]})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return {**document, "reused": False}
@@ -419,6 +444,8 @@ def format_table(document: dict) -> str:
                                       for a in header])
     notes = [f"{row['model']}, {column}: {note}" for row in document["models"]
              for column, note in row["notes"].items()]
+    notes += [f"{name}: excluded, {why['reason']}"
+              for name, why in document.get("excluded", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -10,6 +10,8 @@
         weights: weights/lite0.pth           # optional; relative to the zoo file
       - name: mae-breast
         model: mae:checkpoints/breast.pt     # relative to the zoo file
+      - name: finetuned-brain
+        model: model:brain-run               # a run of the workspace (medcurate finetune)
 
 There are no per-model preprocessing overrides: features come from the embedding pipeline,
 which embeds with each encoder's own preprocessing and records it in the run's provenance, so
