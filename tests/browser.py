@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -169,7 +170,9 @@ def browser(width: int = 1200, height: int = 900) -> Iterator[Browser]:
     """A headless Chromium in a temporary profile, and its tab; stopped and removed after."""
     from websockets.sync.client import connect
 
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # ignore_cleanup_errors: a helper process that outlived the group kill may still be
+    # writing its last file into the scratch profile; that must not fail the test.
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [find_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
              "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0",
@@ -180,12 +183,22 @@ def browser(width: int = 1200, height: int = 900) -> Iterator[Browser]:
             with connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as socket:
                 yield Browser(socket, width, height)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop Chromium and every helper process it started (its own session's group): the
+    renderers outlive the browser process by a moment and keep writing to the profile."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.5)  # let the group's other processes take the signal too
 
 
 def _devtools_address(process: subprocess.Popen, profile: Path) -> tuple[str, str]:
