@@ -180,8 +180,6 @@ class SelectionInputs:
     once: the HTTP service keeps recent ones in memory (``InputsCache``), so a request costs
     the selection, not the read. ``X`` is read-only, as requests share it."""
 
-    run_id: str
-    run_version: str
     run_record: dict
     run_digest: str
     collection: str
@@ -208,15 +206,12 @@ class SelectionInputs:
 
     @property
     def nbytes(self) -> int:
-        return int(self.X.nbytes + self.rows.nbytes + self.metadata.nbytes
-                   + 64 * len(self.labels))
+        return int(self.X.nbytes + self.rows.nbytes + self.metadata.nbytes + self.labels.nbytes)
 
 
 def load_inputs(workspace: Workspace, run_id: str, splits: list[str]) -> SelectionInputs:
     """Read a finished run (only its images in ``splits``, where given) and its metadata."""
-    run_version = workspace.head("embeddings", run_id)
-    workspace.require("embeddings", run_id)
-    run_record = workspace.provenance("embeddings", run_id)
+    run_record = workspace.provenance("embeddings", run_id)  # NotFound names the known runs
     collection = run_record["summary"]["collection"]
     collection_version = workspace.head("collections", collection)
     rows, X = load_embeddings(workspace, run_id)
@@ -225,13 +220,13 @@ def load_inputs(workspace: Workspace, run_id: str, splits: list[str]) -> Selecti
     X.flags.writeable = False
     labels = _values(rows, "label").astype(str)  # fixed-width: sorted 6x faster than objects
     return SelectionInputs(
-        run_id=run_id, run_version=run_version.version, run_record=run_record,
+        run_record=run_record,
         run_digest=_digest_outputs(run_record), collection=collection,
         collection_version=collection_version.version if collection_version else "",
         manifest_sha256=workspace.provenance("collections", collection)
         ["outputs"][MANIFEST_FILE]["sha256"],
         rows=rows, X=X, metadata=read_manifest(workspace, collection).take(rows.column("row")),
-        labels=labels, unlabeled=any(label is None for label in rows.column("label").to_pylist()))
+        labels=labels, unlabeled=rows.column("label").null_count > 0)
 
 
 class InputsCache:
