@@ -254,6 +254,53 @@ def test_scoring_excludes_a_model_trained_on_the_target_by_provenance(tuned):
     assert np.isfinite(row["values"]["lp"])
 
 
+def test_provenance_is_followed_through_samples_and_a_model_start_in_the_given_workspace(
+        tuned, tmp_path, monkeypatch):
+    """A model fine-tuned from ``model:tuned`` on a sample of 'breast-other' counts as trained
+    on 'breast-other' (the sample's own record names it), on 'breast' and on 'breast-mae'.
+    Its start is found in the workspace it is handed, never through MEDCURATE_WORKSPACE (here
+    a folder without it); retraining it under its name changes the id of its embeddings."""
+    from medcurate.config import EmbedConfig, FinetuneConfig
+    from medcurate.embed import default_run_id
+    from medcurate.ingest import MANIFEST_FILE, read_manifest
+    from medcurate.models import source_collections
+    from medcurate.train.finetune import finetune
+    from medcurate.transfer.score import ensure_subset, probe_indices, self_sources
+    from medcurate.transfer.zoo import load_zoo
+
+    workspace, _, _ = tuned
+    monkeypatch.setenv("MEDCURATE_WORKSPACE", str(tmp_path / "elsewhere"))
+    manifest = read_manifest(workspace, "breast-other")
+    sha = workspace.provenance("collections", "breast-other")["outputs"][MANIFEST_FILE]["sha256"]
+    rows = probe_indices(manifest.column("label").to_pylist(),
+                         manifest.column("split").to_pylist(), 20, 0)
+    sample = ensure_subset(workspace, "breast-other", manifest, sha, np.sort(rows),
+                           "other-sample", {"subset_of": "breast-other"})
+    config = FinetuneConfig(train=sample, run_id="chained", model="model:tuned", mode="full",
+                            augment=False, epochs=1, folds=1, metrics=["auc"])
+    finetune(config, workspace)
+    assert source_collections("model:chained", workspace) == [
+        "breast", "breast-mae", "breast-other", "other-sample"]
+    zoo = tmp_path / "chained.yaml"
+    zoo.write_text('models:\n  - {name: chained, model: "model:chained"}\n'
+                   '  - {name: random, model: random/mobilenetv2}\n')
+    assert list(self_sources(load_zoo(str(zoo)), "breast-other", workspace)) == ["chained"]
+    # Its source task's head is the fine-tuned classifier's (LEEP and NCE need it).
+    from medcurate.models import create_encoder
+    from medcurate.train.finetune import MODEL_FILE
+    from medcurate.transfer.zoo import source_classifier
+
+    weight, bias = source_classifier(create_encoder("model:chained", workspace=workspace))
+    state = torch.load(Path(workspace.path("models", "chained", MODEL_FILE)),
+                       weights_only=True)["states"][0]
+    assert np.array_equal(weight, state["head.1.weight"].numpy()) and bias.shape == (2,)
+    assert source_classifier(create_encoder("model:mae", workspace=workspace)) is None
+    embedding = EmbedConfig(collection="breast", model="model:chained")
+    before = default_run_id(embedding, workspace)
+    finetune(config.model_copy(update={"seed": 1, "overwrite": True}), workspace)
+    assert default_run_id(embedding, workspace) != before
+
+
 def test_a_zoo_trained_only_on_the_target_or_naming_a_missing_run_is_refused(tuned, tmp_path):
     """Both fail before any work: nothing to rank, or a run the workspace lacks."""
     workspace, _, _ = tuned

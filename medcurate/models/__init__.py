@@ -7,7 +7,7 @@ and should not pay for importing torch, timm and torchvision.
 from medcurate.models.preprocess import Preprocessing, preprocess_batch
 
 _REGISTRY_NAMES = ("DEFAULT_ENCODER", "Encoder", "create_encoder", "fu_layers", "list_encoders",
-                   "source_collections")
+                   "source_collections", "workspace_weights_sha256")
 
 __all__ = ["Preprocessing", "preprocess_batch", *_REGISTRY_NAMES]
 

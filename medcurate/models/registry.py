@@ -448,15 +448,33 @@ def _sidecar_provenance(checkpoint: str) -> dict | None:
     return record if record.get("kind") == "model" else None
 
 
+def _lineage(keys: set[str], workspace: Workspace) -> set[str]:
+    """``keys`` and every collection they were drawn from, by their provenance (a subset's
+    records its source collection): a model trained on a sample of a target has seen it."""
+    seen, pending = set(), list(keys)
+    while pending:
+        key = pending.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        if workspace.exists("collections", key):
+            pending += [_collection_key(ref["uri"]) for ref in
+                        workspace.provenance("collections", key).get("inputs", [])
+                        if ref.get("role") in _COLLECTION_ROLES]
+    return seen
+
+
 def _recorded_sources(record: dict | None, workspace: Workspace | str | None) -> set[str]:
-    """A model's training collections by its provenance, and, through the spec it started
-    from (a fine-tuned model's), what that one was trained on."""
+    """A model's training collections by its provenance, the collections those were drawn
+    from, and, through the spec it started from (a fine-tuned model's), what that one was
+    trained on."""
     if record is None:
         return set()
     sources = {_collection_key(ref["uri"]) for ref in record.get("inputs", [])
                if ref.get("role") in _COLLECTION_ROLES}
     start = (record.get("model") or {}).get("spec")
-    return sources | (set(source_collections(start, workspace)) if start else set())
+    ws = _open_workspace(workspace)
+    return _lineage(sources, ws) | (set(source_collections(start, ws)) if start else set())
 
 
 def source_collections(spec: str, workspace: Workspace | str | None = None) -> list[str]:
@@ -469,6 +487,18 @@ def source_collections(spec: str, workspace: Workspace | str | None = None) -> l
     if spec.startswith("mae:"):
         return sorted(_recorded_sources(_sidecar_provenance(spec[len("mae:"):]), workspace))
     return []
+
+
+def workspace_weights_sha256(spec: str, workspace: Workspace | str | None = None) -> str | None:
+    """The sha256 of a ``model:<run>`` spec's weights as its provenance records them (None for
+    other specs): a run overwritten under the same name is another encoder, so ids of cached
+    embeddings and scores include it rather than trusting the spec's text."""
+    if not spec.startswith(MODEL_PREFIX):
+        return None
+    from medcurate.train.finetune import MODEL_FILE
+
+    ws, run = _workspace_model(spec, workspace)
+    return ws.provenance("models", run)["outputs"][MODEL_FILE]["sha256"]
 
 
 # -- the factory --------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ class _FeatureCache:
     confounded, per model and seed; each run's rows and flags pick from them."""
 
     def __init__(self, config: AuditConfig, tables: dict[str, pa.Table],
-                 preps: dict[str, Preprocessing], confounder: str | None):
+                 preps: dict[str, Preprocessing], confounder: str | None, workspace: str):
         self.config, self.tables, self.preps, self.confounder = config, tables, preps, confounder
+        self.workspace = workspace  # a root URI: where a model:<run> spec is found
         self.features: dict[tuple, np.ndarray] = {}
 
     def _of(self, entry, split: str, seed: int, confounded: bool) -> np.ndarray:
@@ -84,7 +85,8 @@ class _FeatureCache:
                                np.full(table.num_rows, confounded))
             self.features[key] = frozen_features(entry.model, entry.weights,
                                                  self.preps[entry.name], rows, self.confounder,
-                                                 seed, self.config.batch_size)
+                                                 seed, self.config.batch_size,
+                                                 workspace=self.workspace)
         return self.features[key]
 
     def _pick(self, entry, split: str, index: np.ndarray, flags, seed: int) -> np.ndarray:
@@ -138,7 +140,8 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
                     for n, t in tables.items()}
         if not carriers["train"].any():
             raise MedcurateError(f"no training image has {column} == {config.carrier!r}")
-    preps = {entry.name: preprocessing_for(entry.model, entry.weights, config.img_size)
+    preps = {entry.name: preprocessing_for(entry.model, entry.weights, config.img_size,
+                                           workspace=workspace.worker_root)
              for entry in zoo}  # every model is checked before any worker starts
 
     # The same folds at every level, so levels differ only in the confounder.
@@ -151,7 +154,7 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
     confounder = None if carriers is not None else kind
     # A linear probe without augmentation sees each image's frozen features only: compute
     # them once per model (clean and confounded) and train every level and fold on them.
-    cache = _FeatureCache(config, tables, preps, confounder) \
+    cache = _FeatureCache(config, tables, preps, confounder, workspace.worker_root) \
         if config.mode == "linear" and not config.augment and config.num_workers == 1 else None
     records, scores = [], {}
     for level in config.levels:
@@ -175,7 +178,7 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
                         entry.model, entry.weights, config, len(classes), built["train"],
                         built["val"], {t: built[t] for t in TEST_SETS}, prep=preps[entry.name],
                         storage=storage, name=f"{entry.name}-p{level}-f{fold}",
-                        confounder=confounder, seed=seed)
+                        confounder=confounder, seed=seed, workspace=workspace.worker_root)
                 for test in TEST_SETS:
                     y = targets["test"][parts[test][0]]
                     probs = result.predictions[test]

@@ -52,8 +52,10 @@ class _Trainer:
         self.config, self.classes, self.positive = config, classes, positive
         self.features = features  # id -> embedding, for the stored-feature path
         self.model, self.weights = run_model["spec"], run_model.get("weights")
+        self.workspace = workspace.worker_root  # where a model:<run> spec is found
         self.prep = None if features else preprocessing_for(self.model, self.weights,
-                                                            config.img_size)
+                                                            config.img_size,
+                                                            workspace=self.workspace)
         self.storage = workspace.scratch(comparison_id)
 
     def __call__(self, train: pa.Table, val: pa.Table, test: pa.Table, seed: int,
@@ -64,7 +66,8 @@ class _Trainer:
             result = fit_classifier(self.model, self.weights, self.config, len(self.classes),
                                     image_table(train, y["train"]), image_table(val, y["val"]),
                                     {"test": image_table(test, y["test"])}, prep=self.prep,
-                                    storage=self.storage, name=name, seed=seed)
+                                    storage=self.storage, name=name, seed=seed,
+                                    workspace=self.workspace)
             return result.predictions["test"]
         x = {k: np.stack([self.features[i] for i in t.column("id").to_pylist()])
              for k, t in (("train", train), ("val", val), ("test", test))}

@@ -175,12 +175,13 @@ def _dataset(table: pa.Table, prep: Preprocessing, confounder: str | None, seed:
 
 
 def frozen_features(model: str, weights: str | None, prep: Preprocessing, table: pa.Table,
-                    confounder: str | None = None, seed: int = 0,
-                    batch_size: int = 64) -> np.ndarray:
+                    confounder: str | None = None, seed: int = 0, batch_size: int = 64, *,
+                    workspace: str | None = None) -> np.ndarray:
     """The frozen backbone's features of ``image_table`` rows, in row order, decoded in this
     process exactly as the Ray Train workers decode them (confounder included): for linear
-    probes that reuse the same images under many settings, so each image runs once."""
-    encoder = create_encoder(model, weights=weights)
+    probes that reuse the same images under many settings, so each image runs once.
+    ``workspace`` (a root URI) is where a ``model:<run>`` spec is found."""
+    encoder = create_encoder(model, weights=weights, workspace=workspace)
     backbone = encoder.backbone.eval()
     out = []
     with torch.no_grad():
@@ -279,7 +280,7 @@ def _train_loop(loop: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(loop["seed"])
-    encoder = create_encoder(loop["model"], weights=loop["weights"])
+    encoder = create_encoder(loop["model"], weights=loop["weights"], workspace=loop["workspace"])
     model = Classifier(encoder.backbone, encoder.embed_dim, loop["n_classes"]).to(device)
     train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     single = ray.train.get_context().get_world_size() == 1
@@ -335,10 +336,11 @@ class FitResult:
     predictions: dict[str, np.ndarray]  # test name -> probabilities [N, K] in table order
 
 
-def preprocessing_for(model: str, weights: str | None, img_size: int | None) -> Preprocessing:
+def preprocessing_for(model: str, weights: str | None, img_size: int | None, *,
+                      workspace: str | None = None) -> Preprocessing:
     """The encoder's input, at ``img_size`` where given, checked by one forward pass so a
     size the network cannot take fails here rather than inside a worker."""
-    encoder = create_encoder(model, weights=weights)
+    encoder = create_encoder(model, weights=weights, workspace=workspace)
     prep = encoder.preprocessing
     if img_size and img_size != prep.input_size:
         prep = Preprocessing(img_size, prep.in_chans, prep.mean, prep.std)
@@ -354,15 +356,19 @@ def preprocessing_for(model: str, weights: str | None, img_size: int | None) -> 
 def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_classes: int,
                    train: pa.Table, val: pa.Table, tests: dict[str, pa.Table], *,
                    prep: Preprocessing, storage: Scratch, name: str,
-                   confounder: str | None = None, seed: int | None = None) -> FitResult:
-    """One Ray Train run over ``image_table`` rows; predictions for every test table."""
+                   confounder: str | None = None, seed: int | None = None,
+                   workspace: str | None = None) -> FitResult:
+    """One Ray Train run over ``image_table`` rows; predictions for every test table.
+    ``workspace`` (a root URI the workers can open) is where a ``model:<run>`` start is found:
+    the workers may not share the driver's environment or working directory."""
     ensure_ray()
     use_gpu = training_gpu(training.num_workers, training.use_gpu)
     seed = training.seed if seed is None else seed
     datasets = {"train": _dataset(train, prep, confounder, seed),
                 "val": _dataset(val, prep, confounder, seed)}
     datasets.update({f"test:{k}": _dataset(t, prep, confounder, seed) for k, t in tests.items()})
-    loop = {"model": model, "weights": weights, "n_classes": n_classes, "mode": training.mode,
+    loop = {"model": model, "weights": weights, "workspace": workspace,
+            "n_classes": n_classes, "mode": training.mode,
             "augment": training.augment, "epochs": training.epochs,
             "patience": training.patience, "batch_size": training.batch_size,
             "lr": training.lr, "weight_decay": training.weight_decay, "seed": seed,
@@ -475,7 +481,8 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
     targets = label_targets(rows, classes, "training data")
     tests = test_sets(workspace, collection, config.test)
     test_targets = {k: label_targets(t, classes, f"test set {k!r}") for k, t in tests.items()}
-    prep = preprocessing_for(config.model, config.weights, config.img_size)
+    prep = preprocessing_for(config.model, config.weights, config.img_size,
+                             workspace=workspace.worker_root)
     val_split = split_rows(read_manifest(workspace, collection), "val")
     if config.folds == 1 and val_split.num_rows:
         plans = [(np.arange(rows.num_rows), None)]
@@ -495,7 +502,8 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
             image_table(val_rows, val_targets),
             {VALIDATION: image_table(val_rows, val_targets),
              **{k: image_table(t, test_targets[k]) for k, t in tests.items()}},
-            prep=prep, storage=storage, name=f"fold-{fold}", seed=config.seed + fold)
+            prep=prep, storage=storage, name=f"fold-{fold}", seed=config.seed + fold,
+            workspace=workspace.worker_root)
         evaluated = {VALIDATION: (val_rows, val_targets),
                      **{k: (t, test_targets[k]) for k, t in tests.items()}}
         for name, (table, y) in evaluated.items():

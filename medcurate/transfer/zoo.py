@@ -101,6 +101,8 @@ def source_classifier(encoder) -> tuple[np.ndarray, np.ndarray] | None:
     head's input, so ``softmax(features @ W.T + b)`` are the source model's own predictions.
     """
     path = encoder.weights
+    if encoder.spec.startswith("model:"):
+        return _finetuned_head(path, encoder.embed_dim)
     if not path or encoder.spec.startswith(("mae:", "random/")) or not os.path.isfile(path):
         return None
     from timm.models import load_state_dict
@@ -112,3 +114,25 @@ def source_classifier(encoder) -> tuple[np.ndarray, np.ndarray] | None:
                 and weight.shape[1] == encoder.embed_dim and bias.shape == weight.shape[:1]):
             return weight.float().numpy(), bias.float().numpy()
     return None
+
+
+def _finetuned_head(location: str, embed_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The linear head of a ``medcurate finetune`` run's one model (``Classifier.head``:
+    dropout, then this layer), read wherever the workspace keeps it; None for a pretrained
+    MAE, which has no source task."""
+    import io
+
+    import torch
+
+    from medcurate.workspace import resolve_filesystem
+
+    fs, path = resolve_filesystem(location)
+    with fs.open_input_stream(path) as stream:
+        payload = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+    states = payload.get("states") or []
+    if len(states) != 1:
+        return None
+    weight, bias = states[0].get("head.1.weight"), states[0].get("head.1.bias")
+    if weight is None or bias is None or weight.shape[1] != embed_dim:
+        return None
+    return weight.float().numpy(), bias.float().numpy()
