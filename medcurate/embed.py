@@ -28,18 +28,27 @@ from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import load_image
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
-from medcurate.workspace import PROVENANCE_FILE, Workspace
+from medcurate.workspace import MAX_KEY_LENGTH, PROVENANCE_FILE, Workspace
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
 
 
-def default_run_id(config: EmbedConfig) -> str:
-    """Same collection, model and weights → same run id, so re-running a command resumes it."""
+def default_run_id(config: EmbedConfig, workspace: Workspace | None = None) -> str:
+    """Same collection, model and weights → same run id, so re-running a command resumes it.
+    A ``model:<run>`` spec counts by its weights' recorded sha256 (looked up in
+    ``workspace``), so a run retrained under the same name embeds afresh."""
+    from medcurate.models import workspace_weights_sha256
+
     slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in config.model).strip("-.")
-    digest = hashlib.sha256(json.dumps([config.collection, config.model, config.weights,
-                                        config.shard_size]).encode()).hexdigest()[:8]
-    return f"{config.collection}--{slug[:80]}--{digest}"
+    identity = [config.collection, config.model, config.weights, config.shard_size]
+    if config.model.startswith("model:"):
+        identity.append(workspace_weights_sha256(config.model, workspace))
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:8]
+    run_id = f"{config.collection}--{slug[:80]}--{digest}"
+    if len(run_id) > MAX_KEY_LENGTH:  # long names: shortened, the digest keeps them apart
+        run_id = f"{config.collection[:60]}--{slug[:48]}--{digest}"
+    return run_id
 
 
 def shard_name(index: int) -> str:
@@ -181,7 +190,7 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
     from medcurate.models import create_encoder
 
     workspace = workspace or Workspace()
-    run_id = config.run_id or default_run_id(config)
+    run_id = config.run_id or default_run_id(config, workspace)
     if workspace.exists("embeddings", run_id) and not config.overwrite:
         return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True}
     manifest = read_manifest(workspace, config.collection)

@@ -53,7 +53,8 @@ DEFAULT_WORKSPACE = "./medcurate-workspace"
 # version a moment before an overwrite can finish reading it.
 GRACE_SECONDS = 24 * 3600
 # Matched with ``fullmatch``: a ``$`` anchor would also accept a trailing newline ("x\n").
-_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_KEY_LENGTH = 128
+_KEY_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_KEY_LENGTH - 1}}}")
 _COMMIT_PATTERN = re.compile(r"(\d{12})\.json")
 _VERSION_TIME = "%Y%m%dT%H%M%S%fZ"
 
@@ -73,7 +74,7 @@ def validate_key(key: str) -> str:
     """Artefact keys become folder names: refuse anything that could escape or hide."""
     if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
         raise MedcurateError(
-            f"invalid name {key!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"invalid name {key!r}: use 1-{MAX_KEY_LENGTH} letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return key

@@ -160,3 +160,18 @@ def test_sigkill_then_rerun_on_an_object_store(tmp_path, shared_data, ray_sessio
     table = _brain_subset(shared_data, tmp_path / "brain.csv", 60, 30)
     ingest(IngestConfig(source=str(table), name="brain", split_column="split"), workspace)
     _kill_then_resume(workspace, seaweed_s3.env())
+
+
+def test_default_run_ids_are_valid_keys_for_the_longest_names():
+    """A 128-character collection embedded with a long spec still gets a valid, distinct id
+    (shortened; the digest of the full names keeps two such runs apart)."""
+    from medcurate.config import EmbedConfig
+    from medcurate.embed import default_run_id
+    from medcurate.workspace import MAX_KEY_LENGTH, validate_key
+
+    collection = "c" * MAX_KEY_LENGTH
+    ids = {default_run_id(EmbedConfig(collection=collection, model=f"mae:/models/{'p' * 150}{n}"))
+           for n in range(2)}
+    assert len(ids) == 2 and all(validate_key(i) and len(i) <= MAX_KEY_LENGTH for i in ids)
+    short = EmbedConfig(collection="breast", model="mobilenetv2-imagenet")
+    assert default_run_id(short).startswith("breast--mobilenetv2-imagenet--")

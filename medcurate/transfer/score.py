@@ -44,7 +44,8 @@ from medcurate.embed import embed, load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import load_rows
-from medcurate.models import create_encoder, fu_layers, preprocess_batch, source_collections
+from medcurate.models import (create_encoder, fu_layers, preprocess_batch, source_collections,
+                              workspace_weights_sha256)
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray
 from medcurate.transfer import metrics as m
@@ -318,10 +319,13 @@ def _provenance_sha256(workspace: Workspace, kind: str, key: str) -> str:
 
 
 def default_score_id(config: ScoreConfig, zoo: list[ZooEntry], requests: list[Request],
-                     manifest_sha: str) -> str:
-    """Same target content, zoo, metrics and probe → same id, so a re-run reuses the result."""
+                     manifest_sha: str, workspace: Workspace) -> str:
+    """Same target content, zoo (a workspace model by its weights' sha256), metrics and probe
+    → same id, so a re-run reuses the result."""
+    models = [vars(e) if sha is None else [vars(e), sha]
+              for e, sha in ((e, workspace_weights_sha256(e.model, workspace)) for e in zoo)]
     digest = hashlib.sha256(json.dumps(
-        [config.target, manifest_sha, [vars(e) for e in zoo], [r.column for r in requests],
+        [config.target, manifest_sha, models, [r.column for r in requests],
          config.per_class, config.seed]).encode()).hexdigest()[:8]
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(config.zoo).stem)
     return validate_key(f"{config.target}--{stem.strip('-.')[:40] or 'zoo'}--{digest}")
@@ -353,7 +357,8 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
     if any(r.name == "fu" for r in requests) and len(indices) < 3 * FU_BATCHES:
         raise MedcurateError(f"the probe has {len(indices)} images; FU needs {3 * FU_BATCHES} or "
                              "more (raise --per-class)")
-    score_id = config.score_id or default_score_id(config, zoo, requests, manifest_sha)
+    score_id = config.score_id or default_score_id(config, zoo, requests, manifest_sha,
+                                                      workspace)
     if workspace.exists("scores", score_id) and not config.overwrite:
         return {**workspace.read_json(workspace.path("scores", score_id, SCORES_JSON)),
                 "reused": True}
