@@ -570,3 +570,59 @@ def test_fu_variants_are_paper_by_default_and_relative_on_request():
     assert "fu:relative" not in [r.column for r in parse_metrics(["all"])]
     with pytest.raises(MedcurateError, match="no variant 'rms' .*its variants: paper, relative"):
         parse_metrics(["fu:rms"])
+
+
+def test_mean_auc_is_the_fine_tuning_protocols_auc():
+    """The rank AUC of the bootstrap equals sklearn's, binary and one-vs-rest."""
+    from medcurate.train.evaluation import auc
+    from medcurate.transfer.evaluate import mean_auc
+
+    rng = np.random.default_rng(0)
+    for classes in (2, 4):
+        y = rng.integers(0, classes, 300)
+        probs = special.softmax(rng.normal(size=(300, classes)) + np.eye(classes)[y], axis=1)
+        probs[:10] = probs[0]  # ties
+        assert mean_auc(y, probs, 1) == pytest.approx(auc(y, probs, 1), abs=1e-12)
+
+
+def _models_of_rising_skill(rng, y, skills, seeds):
+    """[M, S, N, 2] probabilities: model m separates the classes by ``skills[m]`` plus noise."""
+    out = np.empty((len(skills), seeds, len(y), 2))
+    for i, skill in enumerate(skills):
+        for s in range(seeds):
+            logit = skill * (2 * y - 1) + rng.normal(size=len(y))
+            out[i, s, :, 1] = special.expit(logit)
+            out[i, s, :, 0] = 1 - out[i, s, :, 1]
+    return out
+
+
+def test_bootstrap_tau_point_and_interval():
+    """The point tau is weightedtau against the seed-mean AUC on every image; the interval
+    comes from draws of images and seeds: wide where the models are close, collapsed at +1
+    where they are far apart, reversed for a reversed score, and absent for a constant one."""
+    from medcurate.train.evaluation import auc
+    from medcurate.transfer.evaluate import bootstrap_tau
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    far = _models_of_rising_skill(rng, y, [0.0, 0.4, 0.8, 1.6], 3)  # AUC ~.5, .71, .87, .99
+    close = _models_of_rising_skill(rng, y, [1.0, 1.02, 1.04, 1.06], 3)
+    rising = np.arange(4.0)
+    scores = {"right": rising, "reversed": -rising, "constant": np.ones(4),
+              "partial": np.array([0.0, np.nan, 2.0, 3.0])}
+    result = bootstrap_tau(scores, y, far, positive=1, replicates=200, seed=0)
+    seed_mean_auc = np.array([np.mean([auc(y, far[m, s], 1) for s in range(3)])
+                              for m in range(4)])
+    assert result["right"].tau == pytest.approx(
+        stats.weightedtau(rising, seed_mean_auc).statistic)
+    assert result["right"].tau == pytest.approx(1.0)
+    assert result["right"].interval() == pytest.approx((1.0, 1.0))
+    assert result["reversed"].tau == pytest.approx(-1.0)
+    assert np.isnan(result["constant"].tau) and result["constant"].interval() is None
+    assert result["partial"].tau == pytest.approx(1.0) and len(result["partial"].draws) == 200
+    near = bootstrap_tau({"right": rising}, y, close, positive=1, replicates=200, seed=0)
+    low, high = near["right"].interval()
+    assert high - low > 0.5 and low <= near["right"].tau <= high
+    # Seeded: the same draws again.
+    again = bootstrap_tau({"right": rising}, y, close, positive=1, replicates=200, seed=0)
+    assert np.array_equal(again["right"].draws, near["right"].draws)

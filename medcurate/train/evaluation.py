@@ -87,7 +87,7 @@ def mean_interval(values: list[float], level: float = 0.95) -> dict[str, float |
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(data))}
 
 
-def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+def rank_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     """Mann-Whitney AUC from ranks (ties averaged): thousands of calls in a permutation test."""
     ranks = stats.rankdata(scores)
     n_pos = int(positive.sum())
@@ -110,7 +110,7 @@ def paired_auc_permutation(targets: list[np.ndarray], scores_a: list[np.ndarray]
     scores_b = [stats.rankdata(b) / len(b) for b in scores_b]
 
     def mean_difference(a_sets, b_sets):
-        return np.mean([_binary_auc(y, a) - _binary_auc(y, b)
+        return np.mean([rank_auc(y, a) - rank_auc(y, b)
                         for y, a, b in zip(targets, a_sets, b_sets)])
 
     observed = mean_difference(scores_a, scores_b)

@@ -127,3 +127,67 @@ def metric_agreement(values: dict[str, np.ndarray]) -> dict[str, dict[str, float
                    if both.sum() >= 2 else np.nan)
             matrix[a][b] = None if not np.isfinite(tau) else round(float(tau), 6)
     return matrix
+
+
+@dataclass(frozen=True)
+class BootstrapTau:
+    """A metric's weighted tau against test AUCs: the point value and the replicate values
+    its interval comes from (kept so taus can be averaged or differenced replicate by
+    replicate: every metric of a target sees the same draws)."""
+
+    tau: float
+    draws: np.ndarray
+
+    def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        finite = self.draws[np.isfinite(self.draws)]
+        if not len(finite):
+            return None
+        low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+        return float(low), float(high)
+
+
+def mean_auc(y: np.ndarray, probs: np.ndarray, positive: int) -> float:
+    """AUC of probabilities ``[N, K]`` as the fine-tuning protocol reports it (binary: the
+    positive class; several: mean one-vs-rest over the classes present), from ranks: fast
+    enough for thousands of bootstrap draws."""
+    from medcurate.train.evaluation import rank_auc
+
+    if probs.shape[1] == 2:
+        return rank_auc(y == positive, probs[:, positive])
+    return float(np.mean([rank_auc(y == k, probs[:, k]) for k in np.unique(y)]))
+
+
+def bootstrap_tau(scores: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarray,
+                  positive: int, replicates: int = 1000, seed: int = 0) -> dict[str, BootstrapTau]:
+    """Weighted tau of each metric's scores (``[M]`` per model, NaN where it has none) with
+    the models' test AUC, and its sampling spread over test images and training seeds.
+
+    ``probs [M, S, N, K]`` are model m's test probabilities after training with seed s, on
+    the same N images (targets ``y``). The point tau uses every image and the AUC averaged
+    over seeds; each replicate draws the images with replacement (one draw for all models:
+    they are compared on the same images) and the seeds with replacement, then averages each
+    model's AUC over the drawn seeds."""
+    models, n_seeds, n_images = probs.shape[:3]
+    rng = np.random.default_rng(seed)
+
+    def aucs(images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        return np.array([np.mean([mean_auc(y[images], probs[m, s][images], positive)
+                                  for s in seeds]) for m in range(models)])
+
+    def taus(auc: np.ndarray) -> dict[str, float]:
+        out = {}
+        for metric, values in scores.items():
+            finite = np.isfinite(values)
+            out[metric] = float(stats.weightedtau(values[finite], auc[finite]).statistic) \
+                if finite.sum() >= 2 else np.nan
+        return out
+
+    point = taus(aucs(np.arange(n_images), np.arange(n_seeds)))
+    draws = {metric: np.empty(replicates) for metric in scores}
+    for r in range(replicates):
+        images = rng.integers(0, n_images, n_images)
+        while len(np.unique(y[images])) < 2:  # an AUC needs both sides
+            images = rng.integers(0, n_images, n_images)
+        for metric, value in taus(aucs(images, rng.integers(0, n_seeds, n_seeds))).items():
+            draws[metric][r] = value
+    return {metric: BootstrapTau(point[metric], draws[metric]) for metric in scores}
