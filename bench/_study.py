@@ -241,7 +241,7 @@ def ensure_embedding(collection: str, workspace, timings: Timings,
     from medcurate.embed import default_run_id, embed
 
     config = EmbedConfig(collection=collection, model=model, **options)
-    run_id = default_run_id(config)
+    run_id = default_run_id(config, workspace)
     key = f"embed/{run_id}"
     if workspace.exists("embeddings", run_id):
         log(f"embed {collection}: reused {run_id}")
@@ -274,6 +274,54 @@ def ensure_pretrained(config, workspace, timings: Timings) -> Path:
         log(f"pretrain {config.model_name}: final loss {summary['final_loss']:.4f}, "
             f"{timings.get(key):.0f} s")
     return Path(workspace.require("models", config.model_name)) / "model.pt"
+
+
+def split_samples(workspace, collection: str, per_class: dict[str, int], seed: int,
+                  tag: str) -> dict[str, str]:
+    """Class-stratified samples of a collection's splits (``{split: images per class}``),
+    published as collections ``<collection>--<tag>-<split><k>-s<seed>[-unseen]-<hash>`` so
+    each encoder embeds them once. A test sample draws only test images whose content
+    (sha256) no other split holds ('unseen'): the brain MRI set repeats 217 training images
+    in its test folder, and a model that trained on an image would be tested on memory."""
+    import numpy as np
+
+    from medcurate.ingest import MANIFEST_FILE, read_manifest
+    from medcurate.transfer.score import ensure_subset, probe_indices
+
+    manifest = read_manifest(workspace, collection)
+    sha = workspace.provenance("collections", collection)["outputs"][MANIFEST_FILE]["sha256"]
+    labels = manifest.column("label").to_pylist()
+    splits = np.array(manifest.column("split").to_pylist(), dtype=object)
+    content = np.array(manifest.column("sha256").to_pylist(), dtype=object)
+    names = {}
+    for split, k in per_class.items():
+        wanted = splits == split
+        unseen = ""
+        if split == "test":
+            wanted &= ~np.isin(content, content[splits != "test"])
+            unseen = "-unseen"
+        # probe_indices draws from rows marked 'train': mark the wanted ones so.
+        rows = np.sort(probe_indices(labels, np.where(wanted, "train", "other").tolist(), k,
+                                     seed))
+        name = f"{collection}--{tag}-{split}{k}-s{seed}{unseen}-{sha[:8]}"
+        names[split] = ensure_subset(workspace, collection, manifest, sha, rows, name,
+                                     {"subset_of": collection, "split": split, "per_class": k,
+                                      "seed": seed, "unseen_test": bool(unseen)}, seed)
+    return names
+
+
+def ensure_finetuned(config, workspace, timings: Timings) -> dict:
+    """The metrics document of the ``medcurate finetune`` run ``config`` names (a
+    FinetuneConfig with its ``run_id`` set), trained now unless the workspace has it."""
+    from medcurate.train.finetune import METRICS_FILE, finetune
+
+    if workspace.exists("models", config.run_id):
+        return workspace.read_json(workspace.path("models", config.run_id, METRICS_FILE))
+    log(f"fine-tune {config.model} on {config.train}, seed {config.seed}")
+    with timings.measure(f"finetune/{config.run_id}"):
+        document = finetune(config, workspace)
+    log(f"fine-tuned {config.run_id}: {timings.get(f'finetune/{config.run_id}'):.0f} s")
+    return document
 
 
 # -- data facts -------------------------------------------------------------------------------
@@ -328,7 +376,10 @@ def check_against(rows: list[dict], committed: Path, keys: list[str],
     if not committed.is_file():
         return None
     with open(committed, newline="") as handle:
-        old = {tuple(r[k] for k in keys): r[value] for r in csv.DictReader(handle)}
+        reader = csv.DictReader(handle)
+        if not set(keys) <= set(reader.fieldnames or ()):
+            return None  # written by an earlier version of the study, with other columns
+        old = {tuple(r[k] for k in keys): r[value] for r in reader}
     diffs = []
     for r in rows:
         key = tuple(str(r[k]) for k in keys)

@@ -1,176 +1,204 @@
-"""Transferability study (issue 9, part 2): do the transferability scores rank the zoo's
-encoders the way training on the target does?
+"""Transferability study (issues 9 and 18): do the transferability scores rank a zoo's
+encoders the way fine-tuning on the target does?
 
-One command regenerates ``docs/results/transfer_study.{json,csv,md,png}``:
+One command regenerates ``docs/results/transfer_study.{json,csv,md,png}``, for two settings:
 
-1. the zoo of ``bench/_zoo.py`` (ImageNet MobileNetV2 and EfficientNet-Lite0, MAEs pretrained
-   here on PneumoniaMNIST and on brain MRI, a random-init MobileNetV2);
-2. on each target (BreastMNIST, PneumoniaMNIST, brain-tumour MRI) every metric of
-   ``medcurate score`` (probe of 100 training images per class, seed 24, as in the paper);
-3. ground truth under one fixed protocol: each encoder's frozen features of a class-stratified
-   sample of the target's train split (``GT["train_per_class"]``), a linear probe (dropout 0.5
-   + linear head, AdamW, early stopping on a stratified 20% validation share) per seed, test
-   AUC on a class-stratified sample of the official test split; mean over seeds;
-4. per target, the weighted Kendall tau (hyperbolic weights: the top of the ranking counts
-   most) between each metric and the ground truth, the metrics' rank per target and mean rank;
-5. the reproduction of the published per-target tau and method ranks of Juodelyte et al. from
+- **one-architecture** (the paper's dataset-level setting): MobileNetV2 whose sources differ
+  only in data: its ImageNet weights, and those weights fine-tuned on a sample of each shared
+  collection (brain MRI, HAM10000, PneumoniaMNIST, BreastMNIST), each a ``model:<run>``
+  encoder (``bench/_zoo.py``);
+- **mixed**: today's zoo of two ImageNet CNNs, two MAEs pretrained here and a random init.
+
+On each target (BreastMNIST, PneumoniaMNIST, brain-tumour MRI):
+
+1. every metric of ``medcurate score`` and FU's relative variant (probe of 100 training images
+   per class, seed 24, as in the paper); a model trained on the target is left out by provenance (``score``
+   records it under ``excluded``), in scoring and in the ground truth alike;
+2. two ground truths on the same class-stratified samples of the target (train split; test
+   split less any image whose content a training image repeats):
+   - **fine-tuned**: every layer trained (``medcurate finetune --mode full``, one protocol for
+     every source and target: ``_zoo.FINETUNE``), seeds ``GT["seeds"]``;
+   - **linear probe**: a linear head on the encoder's frozen features, the same seeds;
+3. per metric and target, the weighted Kendall tau (hyperbolic weights: the top of the
+   ranking counts most) against each ground truth, with a 95% bootstrap interval over test
+   images and training seeds (``medcurate.transfer.evaluate.bootstrap_tau``); the mean over
+   targets with its interval, and each metric's paired difference from the best one;
+4. the reproduction of the published per-target tau and method ranks of Juodelyte et al. from
    ``../shared/reference/transferability-in-medical-imaging``.
 
-    .venv/bin/python bench/transfer_study.py             # 3 targets x 5 encoders (< 1 h, 2 cores)
-    .venv/bin/python bench/transfer_study.py --quick     # 2 targets, 2 seeds, smaller samples
+Fine-tuning runs two at a time (each on one thread). Every artefact is reused from the
+workspace on a re-run.
+
+    .venv/bin/python bench/transfer_study.py             # both settings, 3 targets (< 2 h, 2 cores)
+    .venv/bin/python bench/transfer_study.py --quick     # smoke run: 2 targets, small samples
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _study import (  # bench/ sibling module; pins numeric threads before numpy loads
     DEFAULT_DATA, RESULTS, Timings, check_against, check_data, comma, ensure_collection,
-    ensure_embedding, ingest_config, log, machine, open_study, single_threaded_numerics,
-    write_results)
-from _zoo import ensure_zoo
+    ensure_embedding, ensure_finetuned, ingest_config, log, machine, open_study,
+    single_threaded_numerics, split_samples, write_results)
+from _zoo import ensure_source_zoo, ensure_zoo, finetune_config, finetune_protocol
 
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-evidence"
 DEFAULT_OUT = RESULTS / "transfer_study"
 REFERENCE = DEFAULT_DATA.parent / "reference" / "transferability-in-medical-imaging"
+SETTINGS = ["one-architecture", "mixed"]
 TARGETS = ["breastmnist", "pneumoniamnist", "brain-tumor-mri"]
 SCORE = {"per_class": 100, "seed": 24}  # the paper's probe
+# Every metric at its default, and FU's architecture-free variant (issue 18) beside the paper's.
+METRICS = ["all", "fu:relative"]
 MIN_MODELS = 3  # a metric's tau on a target needs values for this many models
-# Ground truth: sample sizes and the training protocol, fixed before any result was seen.
-GT = {"train_per_class": 150, "test_per_class": 100, "sample_seed": 0, "seeds": [0, 1, 2, 3, 4]}
-PROTOCOL = {"mode": "linear", "augment": False, "epochs": 100, "patience": 10, "lr": 1e-3,
-            "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2, "metrics": ["auc"]}
-# The optional full fine-tuning check (--finetune): every layer trains, at 64 px (the MAEs' size;
-# the CNNs at 224 px would take hours here), with the paper's augmentation.
-FINETUNE = {"mode": "full", "img_size": 64, "augment": True, "epochs": 30, "patience": 5,
-            "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2,
-            "metrics": ["auc"], "seeds": [0, 1, 2], "targets": ["breastmnist"]}
+# Ground truth: sample sizes, seeds and the linear probe's protocol, fixed before any result
+# was seen (the fine-tuning protocol is _zoo.FINETUNE).
+GT = {"train_per_class": 100, "test_per_class": 100, "sample_seed": 0, "seeds": [0, 1, 2]}
+PROBE = {"mode": "linear", "augment": False, "epochs": 100, "patience": 10, "lr": 1e-3,
+         "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2, "metrics": ["auc"]}
+BOOTSTRAP = {"replicates": 1000, "seed": 0}
+GROUND_TRUTHS = ["fine-tuned", "linear"]
+CONCURRENT_FITS = 2
 QUICK = {"targets": ["breastmnist", "pneumoniamnist"], "seeds": [0, 1], "score_per_class": 30,
-         "train_per_class": 60, "test_per_class": 40}
+         "train_per_class": 30, "test_per_class": 40, "replicates": 200}
 
 
 # -- ground truth -------------------------------------------------------------------------------
-def ground_truth_sets(target: str, workspace, train_per_class: int, test_per_class: int,
-                      seed: int) -> dict[str, str]:
-    """Class-stratified samples of the target's train and test splits, published as
-    collections (``<target>--gt-train<k>-s<seed>-<hash>``) so each encoder embeds them once."""
-    import numpy as np
+class TestSet:
+    """A target's test sample: its labels as class indices, the row order every model's
+    probabilities are put in, and the positive class of binary AUC."""
 
-    from medcurate.ingest import MANIFEST_FILE, read_manifest
-    from medcurate.transfer.score import ensure_subset, probe_indices
+    def __init__(self, workspace, collection: str):
+        import numpy as np
 
-    manifest = read_manifest(workspace, target)
-    sha = workspace.provenance("collections", target)["outputs"][MANIFEST_FILE]["sha256"]
-    labels = manifest.column("label").to_pylist()
-    splits = np.array(manifest.column("split").to_pylist(), dtype=object)
-    names = {}
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        # probe_indices draws from rows marked 'train': mark the wanted split so.
-        marked = np.where(splits == split, "train", "other")
-        rows = np.sort(probe_indices(labels, marked.tolist(), per_class, seed))
-        name = f"{target}--gt-{split}{per_class}-s{seed}-{sha[:8]}"
-        names[split] = ensure_subset(workspace, target, manifest, sha, rows, name,
-                                     {"subset_of": target, "split": split,
-                                      "per_class": per_class, "seed": seed}, seed)
-    return names
+        from medcurate.ingest import read_manifest
+
+        manifest = read_manifest(workspace, collection, columns=["id", "label"])
+        self.ids = manifest.column("id").to_pylist()
+        labels = [str(v) for v in manifest.column("label").to_pylist()]
+        self.classes = sorted(set(labels))
+        self.y = np.array([self.classes.index(v) for v in labels])
+        self.positive = 1  # classes_of's default: the second class in sorted order
+
+    def align(self, ids: list, probs):
+        """``probs`` (rows in ``ids`` order) in this test set's row order."""
+        at = {i: n for n, i in enumerate(ids)}
+        return probs[[at[i] for i in self.ids]]
 
 
-def ground_truth(entry: dict, sets: dict[str, str], workspace, timings: Timings,
-                 seeds: list[int]) -> tuple[dict[int, float], float]:
-    """Test AUC of a linear probe on the encoder's frozen features, per seed, and the recorded
-    seconds of the embeddings reused from an earlier invocation (to count them as compute)."""
+def linear_truth(model: str, sets: dict[str, str], test: TestSet, workspace,
+                 timings: Timings, seeds: list[int]) -> dict:
+    """Test probabilities of a linear probe on the encoder's frozen features, per seed."""
     from medcurate.config import TrainingConfig
     from medcurate.embed import load_embeddings
-    from medcurate.train.evaluation import classification_metrics, fold_plan
+    from medcurate.train.evaluation import fold_plan
     from medcurate.train.finetune import classes_of, fit_head, label_targets
 
-    training = TrainingConfig(**PROTOCOL)
-    data, reused_s = {}, 0.0
-    for split, collection in sets.items():
-        run = ensure_embedding(collection, workspace, timings, model=entry["model"])
-        reused_s += (run["seconds"] or 0.0) if run["reused"] else 0.0
-        data[split] = load_embeddings(workspace, run["run_id"])
-    classes, positive = classes_of(data["train"][0], training)
+    training = TrainingConfig(**PROBE)
+    data = {split: load_embeddings(workspace, ensure_embedding(collection, workspace, timings,
+                                                               model=model)["run_id"])
+            for split, collection in sets.items()}
+    classes, _ = classes_of(data["train"][0], training)
     y = {split: label_targets(rows, classes, split) for split, (rows, _) in data.items()}
     x = {split: matrix for split, (_, matrix) in data.items()}
-    aucs = {}
+    probs = {}
     for seed in seeds:
         train_at, val_at = fold_plan(y["train"], 1, training.val_fraction, seed)[0]
         fit = fit_head({"train": (x["train"][train_at], y["train"][train_at]),
                         "val": (x["train"][val_at], y["train"][val_at])}, len(classes),
                        training, seed, {"test": x["test"]})
-        aucs[seed] = classification_metrics(y["test"], fit.predictions["test"], ["auc"],
-                                            positive)["auc"]
-    return aucs, reused_s
+        probs[seed] = test.align(data["test"][0].column("id").to_pylist(),
+                                 fit.predictions["test"])
+    return probs
 
 
-def finetune_truth(entry: dict, sets: dict[str, str], workspace, timings: Timings,
-                   seeds: list[int]) -> dict[int, float]:
-    """Test AUC after fine-tuning every layer (``medcurate finetune --mode full``), per seed;
-    finished runs are reused by name."""
-    from medcurate.config import FinetuneConfig
-    from medcurate.train.finetune import finetune
+def finetuned_probs(config, test: TestSet, workspace):
+    """Test probabilities of a finished fine-tuning run, in the test set's row order."""
+    import numpy as np
 
-    settings = {k: v for k, v in FINETUNE.items() if k not in ("seeds", "targets")}
-    aucs = {}
-    for seed in seeds:
-        config = FinetuneConfig(train=sets["train"], model=entry["model"], test=[sets["test"]],
-                                seed=seed, **settings)
-        run_id = f"study-ft-{sets['train'][:60]}-{entry['name']}-s{seed}-{config.digest()}"
-        if workspace.exists("models", run_id):
-            document = json.loads((Path(workspace.require("models", run_id))
-                                   / "metrics.json").read_text())
-        else:
-            log(f"fine-tune {entry['name']} on {sets['train']}, seed {seed}")
-            with timings.measure(f"finetune/{run_id}"):
-                document = finetune(config.model_copy(update={"run_id": run_id}), workspace)
-        aucs[seed] = document["metrics"][sets["test"]]["auc"]["mean"]
-    return aucs
+    from medcurate.train.finetune import PREDICTIONS_FILE
+
+    table = workspace.read_table(workspace.path("models", config.run_id, PREDICTIONS_FILE))
+    table = table.filter(table.column("test_set").to_numpy(zero_copy_only=False)
+                         == config.test[0])
+    probs = np.stack([table.column(f"p_{c}").to_numpy() for c in test.classes], axis=1)
+    return test.align(table.column("id").to_pylist(), probs)
+
+
+def fine_tune_all(jobs: list, workspace, timings: Timings) -> None:
+    """Every fine-tuning run of ``jobs`` (FinetuneConfigs), two at a time, each reused when
+    the workspace has it."""
+    unique = list({config.run_id: config for config in jobs}.values())
+    with ThreadPoolExecutor(CONCURRENT_FITS) as pool:
+        list(pool.map(lambda config: ensure_finetuned(config, workspace, timings), unique))
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def wide(values: dict[str, dict[str, float | None]], models: list[str], targets: list[str]):
-    """A WideTable (rows models, columns targets) from {target: {model: value}}."""
+def evaluate(scores: dict, probs: dict, tests: dict[str, TestSet], targets: list[str],
+             bootstrap: dict) -> dict:
+    """Per metric: weighted tau against one ground truth on each target with its bootstrap
+    interval, the mean over targets (interval from the same draws), the mean's paired
+    difference from the best metric's, and ranks."""
     import numpy as np
 
-    from medcurate.transfer.evaluate import WideTable
-
-    matrix = np.array([[np.nan if values[t].get(m) is None else values[t][m] for t in targets]
-                       for m in models], dtype=float)
-    return WideTable(tuple(models), tuple(targets), matrix)
-
-
-def evaluate(scores: dict[str, dict], truth: dict[str, dict[str, float]], models: list[str],
-             targets: list[str]) -> dict:
-    """Weighted tau per metric and target, metric ranks per target, mean rank per metric."""
-    import numpy as np
-
-    from medcurate.transfer.evaluate import rank_metrics, weighted_tau
+    from medcurate.transfer.evaluate import bootstrap_tau
 
     metrics = list(next(iter(scores.values()))["metrics"])
-    gt = wide(truth, models, targets)
-    taus, covered = {}, {}
-    for metric in metrics:
-        table = wide({t: {row["model"]: row["values"].get(metric) for row in
-                          scores[t]["models"]} for t in targets}, models, targets)
-        taus[metric] = weighted_tau(table, gt)
-        for t in targets:  # a tau over one or two models says nothing
-            if np.isfinite(table.column(t)).sum() < MIN_MODELS:
-                taus[metric][t] = float("nan")
-        covered[metric] = int(np.isfinite(table.values).all(axis=1).sum())
-    ranks = rank_metrics(taus)
-    mean_rank = {m: float(np.mean([ranks[t][m] for t in targets])) for m in metrics}
-    mean_tau = {m: float(np.nanmean(list(taus[m].values())))
-                if np.isfinite(list(taus[m].values())).any() else None for m in metrics}
-    return {"tau": {m: {t: (None if not np.isfinite(v) else round(v, 6)) for t, v in
-                        taus[m].items()} for m in metrics},
-            "rank": ranks, "mean_rank": mean_rank, "mean_tau": mean_tau,
-            "models_with_values": covered}
+    per_target = {}
+    for t in targets:
+        models = list(probs[t])
+        values = {row["model"]: row["values"] for row in scores[t]["models"]}
+        table = {m: np.array([np.nan if values.get(name, {}).get(m) is None
+                              else values[name][m] for name in models], dtype=float)
+                 for m in metrics}
+        for m in metrics:  # a tau over one or two models says nothing
+            if np.isfinite(table[m]).sum() < MIN_MODELS:
+                table[m][:] = np.nan
+        stacked = np.stack([np.stack([probs[t][name][s] for s in sorted(probs[t][name])])
+                            for name in models])
+        per_target[t] = bootstrap_tau(table, tests[t].y, stacked, tests[t].positive,
+                                      bootstrap["replicates"], bootstrap["seed"])
+
+    def summary(point: float, draws) -> dict:
+        finite = draws[np.isfinite(draws)]
+        if not np.isfinite(point) or not len(finite):
+            return {"tau": None, "low": None, "high": None}
+        low, high = np.quantile(finite, [0.025, 0.975])
+        return {"tau": round(float(point), 6), "low": round(float(low), 6),
+                "high": round(float(high), 6)}
+
+    out = {"tau": {}, "mean": {}}
+    mean_draws = {}
+    for m in metrics:
+        out["tau"][m] = {t: summary(per_target[t][m].tau, per_target[t][m].draws)
+                         for t in targets}
+        points = [per_target[t][m].tau for t in targets]
+        if all(np.isfinite(points)):  # a mean over fewer targets would not compare
+            mean_draws[m] = np.mean([per_target[t][m].draws for t in targets], axis=0)
+            out["mean"][m] = summary(float(np.mean(points)), mean_draws[m])
+        else:
+            out["mean"][m] = summary(np.nan, np.array([]))
+    order = sorted(metrics, key=lambda m: -(out["mean"][m]["tau"] if out["mean"][m]["tau"]
+                                             is not None else -9))
+    best = order[0]
+    out["order"], out["best"] = order, best
+    out["difference_from_best"] = {
+        m: summary(out["mean"][best]["tau"] - out["mean"][m]["tau"],
+                   mean_draws[best] - mean_draws[m]) if m in mean_draws else
+        summary(np.nan, np.array([])) for m in metrics}
+    return out
+
+
+def seed_aucs(probs: dict, test: TestSet) -> dict[int, float]:
+    from medcurate.transfer.evaluate import mean_auc
+
+    return {s: mean_auc(test.y, p, test.positive) for s, p in probs.items()}
 
 
 def published(folder: Path) -> dict:
@@ -189,52 +217,74 @@ def published(folder: Path) -> dict:
 
 
 # -- outputs ------------------------------------------------------------------------------------
+def _tau_cell(entry: dict) -> str:
+    if entry["tau"] is None:
+        return "n/a"
+    return f"{entry['tau']:+.2f} [{entry['low']:+.2f}, {entry['high']:+.2f}]"
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    targets, models = report["targets"], report["models"]
-    parts = ["# Transferability study (issue 9, part 2)", "", f"Command: `{report['command']}`",
-             "", "Zoo: " + "; ".join(f"`{e['name']}` ({e['source']})" for e in report["zoo"])
-             + ".", "",
-             f"Scores: `medcurate score` with every metric, probe of {report['score']['per_class']}"
-             f" training images per class, seed {report['score']['seed']}. Ground truth: a "
-             f"linear probe on each encoder's frozen features of up to "
-             f"{report['ground_truth']['train_per_class']} training images per class (20% of "
-             f"them for early stopping), tested on up to "
-             f"{report['ground_truth']['test_per_class']} test images per class; AUC (one-vs-"
-             f"rest mean for several classes), mean ± 95% interval over seeds "
-             f"{report['ground_truth']['seeds']}.", "", "## Ground truth: test AUC", "",
-             "| model | " + " | ".join(targets) + " |", "| --- |" + " --- |" * len(targets)]
-    for model in models:
-        cells = []
+    targets = report["targets"]
+    gt = report["ground_truth"]
+    parts = ["# Transferability study (issues 9 and 18)", "", f"Command: `{report['command']}`",
+             "", f"Scores: `medcurate score` with every metric, probe of "
+             f"{report['score']['per_class']} training images per class, seed "
+             f"{report['score']['seed']}. Ground truths, on the same class-stratified samples of "
+             f"each target ({gt['train_per_class']} training images per class, 20% of them for "
+             f"early stopping; {gt['test_per_class']} test images per class that repeat no "
+             f"training image), seeds {gt['seeds']}: **fine-tuned** (every layer, "
+             f"{report['finetune']['img_size']} px, augmentation, AdamW lr "
+             f"{report['finetune']['lr']:g}, at most {report['finetune']['epochs']} epochs, "
+             f"patience {report['finetune']['patience']}) and **linear probe** (a linear head on "
+             "the frozen features). Test AUC (one-vs-rest mean for several classes). Weighted "
+             "Kendall tau of each metric with each ground truth, 95% bootstrap interval over "
+             f"test images and seeds ({report['bootstrap']['replicates']} draws); a model trained "
+             "on the target is left out by provenance.", ""]
+    for setting in report["settings"]:
+        block = report["results"][setting]
+        parts += [f"## Setting: {setting}", "", "Zoo: " + "; ".join(
+            f"`{e['name']}` ({e['source']})" for e in block["zoo"]) + ".", ""]
         for t in targets:
-            entry = report["truth"][t][model]
-            cells.append(f"{entry['mean']:.3f} ± {(entry['high'] - entry['low']) / 2:.3f}"
-                         if entry["low"] is not None else f"{entry['mean']:.3f}")
-        parts.append(f"| {model} | " + " | ".join(cells) + " |")
-    ev = report["evaluation"]
-    order = sorted(ev["mean_rank"], key=ev["mean_rank"].get)
-    parts += ["", "## Weighted Kendall tau of each metric with the ground truth", "",
-              f"{len(models)} models per target; n/a where a metric scores every model alike or "
-              f"has values for fewer than {MIN_MODELS} models (LEEP and NCE need a source "
-              "classifier head, which only the two ImageNet models have); `models` = "
-              "how many models the metric scores on every target. Mean tau over the targets "
-              "with a value; metrics ordered by mean rank (n/a ranks last).", "",
-              "| metric | " + " | ".join(targets) + " | mean tau | mean rank | models |",
-              "| --- |" + " --- |" * (len(targets) + 3)]
-    for metric in order:
-        taus = [ev["tau"][metric][t] for t in targets]
-        cells = ["n/a" if v is None else f"{v:+.3f}" for v in taus]
-        mean_tau = ev["mean_tau"][metric]
-        parts.append(f"| {metric} | " + " | ".join(cells) + f" | "
-                     f"{'n/a' if mean_tau is None else f'{mean_tau:+.3f}'} | "
-                     f"{ev['mean_rank'][metric]:.2f} | {ev['models_with_values'][metric]} |")
-    parts += ["", "## Rankings per target", ""]
-    for t in targets:
-        truth = sorted(models, key=lambda m: -report["truth"][t][m]["mean"])
-        parts.append(f"- {t}: ground truth {' > '.join(truth)}; paper score "
-                     f"{' > '.join(report['scores'][t]['ranking'])}")
+            if block["excluded"][t]:
+                parts.append(f"- on {t}, left out by provenance: "
+                             + ", ".join(block["excluded"][t]))
+        parts += ["", "### Test AUC (mean ± 95% interval over seeds)", "",
+                  "| model | " + " | ".join(f"{t} {kind}" for t in targets
+                                           for kind in GROUND_TRUTHS) + " |",
+                  "| --- |" + " --- |" * (len(targets) * len(GROUND_TRUTHS))]
+        for entry in block["zoo"]:
+            cells = []
+            for t in targets:
+                for kind in GROUND_TRUTHS:
+                    value = block["truth"][kind][t].get(entry["name"])
+                    cells.append("–" if value is None else
+                                 f"{value['mean']:.3f} ± {(value['high'] - value['low']) / 2:.3f}"
+                                 if value["low"] is not None else f"{value['mean']:.3f}")
+            parts.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+        for kind in GROUND_TRUTHS:
+            ev = block["evaluation"][kind]
+            parts += ["", f"### Weighted tau against the {kind} ground truth", "",
+                      f"Metrics by mean tau over the targets; n/a where a metric scores fewer "
+                      f"than {MIN_MODELS} models or all alike; last column: the best metric's "
+                      "mean tau minus this one's (paired over the same bootstrap draws).", "",
+                      "| metric | " + " | ".join(targets) + " | mean tau | best − this |",
+                      "| --- |" + " --- |" * (len(targets) + 2)]
+            for metric in ev["order"]:
+                parts.append(f"| {metric} | " + " | ".join(
+                    _tau_cell(ev["tau"][metric][t]) for t in targets)
+                    + f" | {_tau_cell(ev['mean'][metric])} | "
+                    f"{'' if metric == ev['best'] else _tau_cell(ev['difference_from_best'][metric])} |")
+        parts += ["", "### Rankings per target", ""]
+        for t in targets:
+            for kind in GROUND_TRUTHS:
+                truth = block["truth"][kind][t]
+                parts.append(f"- {t}, {kind}: " + " > ".join(
+                    sorted(truth, key=lambda m: -truth[m]["mean"])))
+            parts.append(f"- {t}, paper score: " + " > ".join(block["scores"][t]["ranking"]))
+        parts.append("")
     pub = report["published"]
     targets_pub = list(pub["rank"])
-    parts += ["", "## Published table reproduced (Juodelyte et al., dataset level)", "",
+    parts += ["## Published table reproduced (Juodelyte et al., dataset level)", "",
               "Weighted tau per target recomputed from the published score and AUC tables; "
               f"the method ranks "
               f"{'match' if pub['matches_published_rank_table'] else 'DO NOT match'}"
@@ -250,87 +300,41 @@ def write_markdown(report: dict, path: Path) -> None:
         check = report["reproducibility"]
         parts += ["", f"Reproducibility: {check['identical']} of {check['cells']} values "
                   f"identical to {check['against']} (max |diff| {check['max_abs_diff']:.3g})."]
-    parts += ["", f"Runtime: {report['timing']['total_compute_s'] / 60:.1f} min of compute on "
-              f"{report['machine']}.", ""]
+    timing = report["timing"]
+    parts += ["", f"Runtime: {timing['this_invocation_s'] / 60:.1f} min for this invocation "
+              f"({timing['stage_sum_s'] / 60:.1f} min of stage time, fine-tuning two runs at "
+              f"a time) on {report['machine']}.", ""]
     path.write_text("\n".join(parts))
 
 
 def write_plot(report: dict, path: Path) -> None:
+    """Mean tau over the targets with its interval, per metric: settings in rows, ground
+    truths in columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    targets, models = report["targets"], report["models"]
-    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4 * (len(targets) + 1), 3.8))
-    colours = plt.get_cmap("tab10")
-    for ax, t in zip(axes, targets):
-        values = {row["model"]: row["values"].get("score") for row in report["scores"][t]["models"]}
-        for index, model in enumerate(models):
-            truth = report["truth"][t][model]
-            if values.get(model) is None:
-                continue
-            ax.errorbar(values[model], truth["mean"],
-                        yerr=None if truth["low"] is None else [[truth["mean"] - truth["low"]],
-                                                                 [truth["high"] - truth["mean"]]],
-                        fmt="o", color=colours(index), label=model, capsize=2)
-        tau = report["evaluation"]["tau"]["score"][t]
-        ax.set(title=f"{t} (weighted tau {tau:+.2f})" if tau is not None else t,
-               xlabel="paper score minmax(LP)·minmax(FU)", ylabel="ground-truth test AUC")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ev = report["evaluation"]
-    order = sorted(ev["mean_rank"], key=ev["mean_rank"].get)
-    matrix = np.array([[np.nan if ev["tau"][m][t] is None else ev["tau"][m][t] for t in targets]
-                       for m in order])
-    image = axes[-1].imshow(matrix, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-    axes[-1].set_xticks(range(len(targets)), targets, rotation=20, fontsize=7)
-    axes[-1].set_yticks(range(len(order)), order, fontsize=7)
-    axes[-1].set_title("weighted tau (metrics by mean rank)")
-    fig.colorbar(image, ax=axes[-1])
+    settings = report["settings"]
+    fig, axes = plt.subplots(len(settings), len(GROUND_TRUTHS), squeeze=False,
+                             figsize=(5 * len(GROUND_TRUTHS), 4 * len(settings)))
+    for row, setting in enumerate(settings):
+        for col, kind in enumerate(GROUND_TRUTHS):
+            ev, ax = report["results"][setting]["evaluation"][kind], axes[row][col]
+            shown = [m for m in ev["order"] if ev["mean"][m]["tau"] is not None]
+            for y, metric in enumerate(shown):
+                e = ev["mean"][metric]
+                ax.errorbar(e["tau"], y, xerr=[[e["tau"] - e["low"]], [e["high"] - e["tau"]]],
+                            fmt="o", color="C3" if metric == "score" else "C0", capsize=2)
+            ax.set_yticks(range(len(shown)), shown, fontsize=7)
+            ax.invert_yaxis()
+            ax.axvline(0, color="grey", lw=0.5)
+            ax.set(xlim=(-1, 1), xlabel="mean weighted tau over targets (95% interval)",
+                   title=f"{setting}: {kind} ground truth")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_finetune(report: dict, finetuned: dict, rows: list[dict], prefix: Path) -> None:
-    """The fine-tuning check: per target, fine-tuned AUC per model, how its ranking agrees with
-    the linear-probe ground truth, and each metric's weighted tau against it."""
-    from scipy import stats
-
-    models = report["models"]
-    check = {"command": report["command"], "protocol": FINETUNE, "targets": {}}
-    parts = ["# Transferability study: full fine-tuning check", "",
-             f"Command: `{report['command']}`", "",
-             f"Every layer fine-tuned (`medcurate finetune --mode full`) at "
-             f"{FINETUNE['img_size']} px with augmentation, AdamW lr {FINETUNE['lr']:g}, at most "
-             f"{FINETUNE['epochs']} epochs (patience {FINETUNE['patience']}), seeds "
-             f"{FINETUNE['seeds']}, on the same training and test samples as the linear-probe "
-             "ground truth.", ""]
-    for target, per_model in finetuned.items():
-        probe = [report["truth"][target][m]["mean"] for m in models]
-        tuned = [per_model[m]["mean"] for m in models]
-        agreement = float(stats.kendalltau(probe, tuned).statistic)
-        taus = evaluate(report["scores"], {target: dict(zip(models, tuned))}, models,
-                        [target])["tau"]
-        check["targets"][target] = {"fine_tuned": per_model, "kendall_tau_vs_probe": agreement,
-                                    "metric_tau": {m: v[target] for m, v in taus.items()}}
-        parts += [f"## {target}", "", "| model | linear probe AUC | fine-tuned AUC |",
-                  "| --- | --- | --- |"]
-        for m, a, b in zip(models, probe, tuned):
-            e = per_model[m]
-            half = "" if e["low"] is None else f" ± {(e['high'] - e['low']) / 2:.3f}"
-            parts.append(f"| {m} | {a:.3f} | {b:.3f}{half} |")
-        ordered = sorted(taus, key=lambda m: -(taus[m][target] if taus[m][target] is not None
-                                               else -9))
-        parts += ["", f"Kendall tau between the two ground truths' model rankings: "
-                  f"{agreement:+.2f}.", "", "Weighted tau of each metric against the fine-tuned "
-                  "ranking: " + ", ".join(
-                      f"{m} {'n/a' if taus[m][target] is None else f'{taus[m][target]:+.2f}'}"
-                      for m in ordered) + ".", ""]
-    prefix.with_suffix(".json").write_text(json.dumps(check, indent=2) + "\n")
-    prefix.with_suffix(".md").write_text("\n".join(parts))
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -342,31 +346,34 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
                         help=f"medcurate workspace; finished artefacts are reused "
                              f"(default {DEFAULT_WORKSPACE}, shared with robustness_study.py)")
+    parser.add_argument("--settings", type=comma(str), default=SETTINGS,
+                        help=f"comma list of {', '.join(SETTINGS)} (default both)")
     parser.add_argument("--targets", type=comma(str), default=None,
                         help=f"comma list (default {','.join(TARGETS)})")
     parser.add_argument("--seeds", type=comma(int), default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: BreastMNIST and PneumoniaMNIST, 2 seeds, small "
-                             "samples, quick zoo; results go to the workspace")
+                             "samples, short training; results go to the workspace")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute the scores (embeddings and models are reused)")
-    parser.add_argument("--finetune", action="store_true",
-                        help=f"also fine-tune every layer on {', '.join(FINETUNE['targets'])} "
-                             f"(seeds {FINETUNE['seeds']}) and compare with the linear-probe "
-                             "ground truth; writes <out>_finetune.{json,md} (~30 min more)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    gt = dict(GT)
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown or not args.settings:
+        sys.exit(f"error: --settings takes {', '.join(SETTINGS)}; got {', '.join(unknown)}")
+    gt, bootstrap = dict(GT), dict(BOOTSTRAP)
     score_per_class = SCORE["per_class"]
     if args.quick:
         args.targets = args.targets or QUICK["targets"]
         args.seeds = args.seeds or QUICK["seeds"]
         gt.update(train_per_class=QUICK["train_per_class"],
                   test_per_class=QUICK["test_per_class"])
+        bootstrap["replicates"] = QUICK["replicates"]
         score_per_class = QUICK["score_per_class"]
     targets = args.targets or TARGETS
     gt["seeds"] = args.seeds or gt["seeds"]
-    check_data(sorted(set(targets) | {"pneumoniamnist", "brain-tumor-mri"}), args.data)
+    check_data(sorted(set(targets) | {"pneumoniamnist", "brain-tumor-mri", "breastmnist",
+                                      "ham10000-iid"}), args.data)
     if not (args.reference / "AUCs_dataset.csv").is_file():
         sys.exit(f"error: the published tables are missing under {args.reference}")
     prefix = args.out or (args.workspace / "results" / "transfer_study_quick" if args.quick
@@ -379,82 +386,106 @@ def main() -> None:
     from medcurate.transfer.score import score
 
     workspace, inputs, timings = open_study(args.workspace)
-    zoo_path, zoo = ensure_zoo(workspace, args.data, timings, quick=args.quick)
-    models = [e["name"] for e in zoo]
-    compute = sum(e.get("pretrain_s") or 0.0 for e in zoo)
-    scores, truth, rows = {}, {}, []
+    builders = {"one-architecture": ensure_source_zoo, "mixed": ensure_zoo}
+    zoos = {setting: builders[setting](workspace, args.data, timings, quick=args.quick)
+            for setting in args.settings}
+    stage_s = sum(e.get("pretrain_s") or 0.0 for _, zoo in zoos.values() for e in zoo)
+    sets, tests = {}, {}
     for target in targets:
-        log(f"== {target}")
         collection = ensure_collection(ingest_config(target, args.data, inputs), workspace,
                                        timings)
-        compute += collection["seconds"] or 0.0
-        config = ScoreConfig(target=target, zoo=str(zoo_path), per_class=score_per_class,
-                             seed=SCORE["seed"], overwrite=args.recompute)
-        key = f"score/{target}/{config.digest('zoo', 'overwrite')}"
-        start = time.perf_counter()
-        scores[target] = score(config, workspace)
-        if not scores[target]["reused"]:
-            timings.record(key, time.perf_counter() - start)
-        compute += timings.get(key) or 0.0
-        log(f"{target}: paper score ranks {', '.join(scores[target]['ranking'])}")
-        for row in scores[target]["models"]:
-            rows += [{"target": target, "model": row["model"], "kind": "score", "metric": m,
-                      "seed": "", "value": v} for m, v in row["values"].items()]
-        sets = ground_truth_sets(target, workspace, gt["train_per_class"], gt["test_per_class"],
-                                 gt["sample_seed"])
-        truth[target] = {}
-        for entry in zoo:
+        stage_s += collection["seconds"] or 0.0
+        sets[target] = split_samples(workspace, target, {"train": gt["train_per_class"],
+                                                         "test": gt["test_per_class"]},
+                                     gt["sample_seed"], "gt")
+        tests[target] = TestSet(workspace, sets[target]["test"])
+
+    scores, members = {}, {}
+    for setting, (zoo_path, zoo) in zoos.items():
+        scores[setting], members[setting] = {}, {}
+        for target in targets:
+            config = ScoreConfig(target=target, zoo=str(zoo_path), per_class=score_per_class,
+                                 seed=SCORE["seed"], metrics=METRICS, overwrite=args.recompute)
+            key = f"score/{target}/{zoo_path.name}/{config.digest('zoo', 'overwrite')}"
             start = time.perf_counter()
-            aucs, reused_s = ground_truth(entry, sets, workspace, timings, gt["seeds"])
-            compute += time.perf_counter() - start + reused_s
-            truth[target][entry["name"]] = mean_interval(list(aucs.values()))
-            rows += [{"target": target, "model": entry["name"], "kind": "ground-truth",
-                      "metric": "auc", "seed": s, "value": v} for s, v in aucs.items()]
-        log(f"{target}: ground truth " + ", ".join(
-            f"{m} {truth[target][m]['mean']:.3f}" for m in models))
-    finetuned = {}
-    for target in FINETUNE["targets"] if args.finetune else []:
-        sets = ground_truth_sets(target, workspace, gt["train_per_class"], gt["test_per_class"],
-                                 gt["sample_seed"])
-        finetuned[target] = {}
-        for entry in zoo:
-            start = time.perf_counter()
-            aucs = finetune_truth(entry, sets, workspace, timings, FINETUNE["seeds"])
-            compute += time.perf_counter() - start
-            finetuned[target][entry["name"]] = mean_interval(list(aucs.values()))
-            rows += [{"target": target, "model": entry["name"], "kind": "fine-tuned",
-                      "metric": "auc", "seed": s, "value": v} for s, v in aucs.items()]
+            scores[setting][target] = score(config, workspace)
+            if not scores[setting][target]["reused"]:
+                timings.record(key, time.perf_counter() - start)
+            stage_s += timings.get(key) or 0.0
+            excluded = scores[setting][target].get("excluded", {})
+            members[setting][target] = [e for e in zoo if e["name"] not in excluded]
+            log(f"{setting} / {target}: paper score ranks "
+                f"{', '.join(scores[setting][target]['ranking'])}; left out {list(excluded)}")
+
+    runs = {(setting, target, e["name"], seed):
+            finetune_config(e["model"], sets[target]["train"], [sets[target]["test"]], seed,
+                            args.quick)
+            for setting in zoos for target in targets for e in members[setting][target]
+            for seed in gt["seeds"]}
+    fine_tune_all(list(runs.values()), workspace, timings)
+    stage_s += sum(timings.get(f"finetune/{c.run_id}") or 0.0
+                   for c in {c.run_id: c for c in runs.values()}.values())
+
+    results, rows = {}, []
+    for setting, (zoo_path, zoo) in zoos.items():
+        probs = {kind: {t: {} for t in targets} for kind in GROUND_TRUTHS}
+        for target in targets:
+            for e in members[setting][target]:
+                probs["fine-tuned"][target][e["name"]] = {
+                    s: finetuned_probs(runs[setting, target, e["name"], s], tests[target],
+                                       workspace) for s in gt["seeds"]}
+                start = time.perf_counter()
+                probs["linear"][target][e["name"]] = linear_truth(
+                    e["model"], sets[target], tests[target], workspace, timings, gt["seeds"])
+                stage_s += time.perf_counter() - start
+        truth = {kind: {t: {} for t in targets} for kind in GROUND_TRUTHS}
+        for kind in GROUND_TRUTHS:
+            for t in targets:
+                for name, per_seed in probs[kind][t].items():
+                    aucs = seed_aucs(per_seed, tests[t])
+                    truth[kind][t][name] = mean_interval(list(aucs.values()))
+                    rows += [{"setting": setting, "target": t, "model": name, "kind": kind,
+                              "metric": "auc", "seed": s, "value": v} for s, v in aucs.items()]
+        for t in targets:
+            for row in scores[setting][t]["models"]:
+                rows += [{"setting": setting, "target": t, "model": row["model"],
+                          "kind": "score", "metric": m, "seed": "", "value": v}
+                         for m, v in row["values"].items()]
+        results[setting] = {
+            "zoo": zoo, "excluded": {t: sorted(scores[setting][t].get("excluded", {}))
+                                     for t in targets},
+            "truth": truth,
+            "scores": {t: {"ranking": d["ranking"], "metrics": d["metrics"],
+                           "models": [{"model": r["model"], "values": r["values"],
+                                       "notes": r["notes"]} for r in d["models"]]}
+                       for t, d in scores[setting].items()},
+            "evaluation": {kind: evaluate(scores[setting], probs[kind], tests, targets,
+                                          bootstrap) for kind in GROUND_TRUTHS}}
+        for kind in GROUND_TRUTHS:
+            ev = results[setting]["evaluation"][kind]
+            log(f"{setting}, {kind} ground truth: best {ev['best']} (mean tau "
+                f"{_tau_cell(ev['mean'][ev['best']])}); order {', '.join(ev['order'])}")
     report = {"command": "python bench/transfer_study.py" + "".join(f" {a}" for a in sys.argv[1:]),
-              "zoo": zoo, "models": models, "targets": targets, "machine": machine(),
-              "score": {"per_class": score_per_class, "seed": SCORE["seed"]},
-              "ground_truth": {**gt, "protocol": PROTOCOL}, "truth": truth,
-              "scores": {t: {"ranking": d["ranking"], "metrics": d["metrics"],
-                             "models": [{"model": r["model"], "values": r["values"],
-                                         "notes": r["notes"]} for r in d["models"]]}
-                         for t, d in scores.items()},
-              "timing": {}}
-    report["evaluation"] = evaluate(report["scores"], {t: {m: v["mean"] for m, v in
-                                                           truth[t].items()} for t in targets},
-                                    models, targets)
-    report["published"] = published(args.reference)
-    report["timing"] = {"total_compute_s": round(compute, 1),
-                        "this_invocation_s": round(time.perf_counter() - started, 1)}
+              "settings": list(zoos), "targets": targets, "machine": machine(),
+              "score": {"per_class": score_per_class, "seed": SCORE["seed"],
+                        "metrics": METRICS},
+              "ground_truth": {**gt, "probe": PROBE, "test_images": {
+                  t: len(tests[t].ids) for t in targets}},
+              "finetune": finetune_protocol(args.quick), "bootstrap": bootstrap,
+              "results": results, "published": published(args.reference),
+              "timing": {"this_invocation_s": round(time.perf_counter() - started, 1),
+                         "stage_sum_s": round(stage_s, 1)}}
     if args.quick or args.recompute:
-        check = check_against([r for r in rows if r["kind"] != "fine-tuned"],
-                              DEFAULT_OUT.with_suffix(".csv"),
-                              ["target", "model", "kind", "metric", "seed"])
+        check = check_against(rows, DEFAULT_OUT.with_suffix(".csv"),
+                              ["setting", "target", "model", "kind", "metric", "seed"])
         if check and prefix != DEFAULT_OUT:
             report["reproducibility"] = check
             log(f"reproducibility against {check['against']}: {check['identical']} of "
                 f"{check['cells']} values identical, max |diff| {check['max_abs_diff']:.3g}")
-    main_rows = [r for r in rows if r["kind"] != "fine-tuned"]
-    write_results(prefix, report, main_rows, ["target", "model", "kind", "metric", "seed",
-                                              "value"], write_markdown, write_plot)
-    if finetuned:
-        write_finetune(report, finetuned, rows, Path(f"{prefix}_finetune"))
-    best = sorted(report["evaluation"]["mean_rank"], key=report["evaluation"]["mean_rank"].get)
-    log(f"metrics by mean rank: {', '.join(best)}; wrote {prefix}.{{json,csv,md,png}}; "
-        f"compute {compute / 60:.1f} min")
+    write_results(prefix, report, rows, ["setting", "target", "model", "kind", "metric", "seed",
+                                         "value"], write_markdown, write_plot)
+    log(f"wrote {prefix}.{{json,csv,md,png}} in {report['timing']['this_invocation_s'] / 60:.1f}"
+        " min")
 
 
 if __name__ == "__main__":
