@@ -68,11 +68,22 @@ def ensure_mae(name: str, workspace, data: Path, timings: Timings, quick: bool) 
     return ensure_pretrained(config, workspace, timings)
 
 
+def write_zoo(workspace, name: str, entries: list[dict]) -> Path:
+    """The zoo YAML ``medcurate score`` reads (name and model of each entry) as
+    ``<study inputs>/<name>``, rewritten only when its text changes."""
+    import yaml
+
+    path = study_inputs(workspace.root) / name
+    text = yaml.safe_dump({"models": [{"name": e["name"], "model": e["model"]}
+                                      for e in entries]}, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
 def ensure_zoo(workspace, data: Path, timings: Timings,
                quick: bool = False) -> tuple[Path, list[dict]]:
     """(zoo YAML path, its entries with name, model, source and pretraining settings)."""
-    import yaml
-
     entries = [dict(entry) for entry in FIXED]
     for name in MAES:
         checkpoint = ensure_mae(name, workspace, data, timings, quick)
@@ -83,12 +94,7 @@ def ensure_zoo(workspace, data: Path, timings: Timings,
             "pretraining": config.model_dump(include={"collection", "img_size", "patch_size",
                                                       "depth", "epochs", "max_images"}),
             "pretrain_s": timings.get(f"pretrain/{config.name}")})
-    path = study_inputs(workspace.root) / ("zoo-quick.yaml" if quick else "zoo.yaml")
-    text = yaml.safe_dump({"models": [{"name": e["name"], "model": e["model"]}
-                                      for e in entries]}, sort_keys=False)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path, entries
+    return write_zoo(workspace, "zoo-quick.yaml" if quick else "zoo.yaml", entries), entries
 
 
 def finetune_protocol(quick: bool) -> dict:
@@ -111,8 +117,6 @@ def ensure_source_zoo(workspace, data: Path, timings: Timings,
                       quick: bool = False) -> tuple[Path, list[dict]]:
     """(zoo YAML path, entries) of the one-architecture zoo: ImageNet MobileNetV2 and one
     copy of it fine-tuned on each of ``SOURCE_COLLECTIONS``."""
-    import yaml
-
     sample = QUICK_SOURCE_SAMPLE if quick else SOURCE_SAMPLE
     entries = [{"name": "mobilenetv2-imagenet", "model": SOURCE_ARCH, "source": "ImageNet"}]
     for collection in SOURCE_COLLECTIONS:
@@ -126,10 +130,5 @@ def ensure_source_zoo(workspace, data: Path, timings: Timings,
                         "source": f"ImageNet, then supervised on {document['images']['train']} "
                                   f"images of {collection}",
                         "pretrain_s": timings.get(f"finetune/{config.run_id}")})
-    path = study_inputs(workspace.root) / ("zoo-one-architecture-quick.yaml" if quick
-                                           else "zoo-one-architecture.yaml")
-    text = yaml.safe_dump({"models": [{"name": e["name"], "model": e["model"]}
-                                      for e in entries]}, sort_keys=False)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path, entries
+    name = "zoo-one-architecture-quick.yaml" if quick else "zoo-one-architecture.yaml"
+    return write_zoo(workspace, name, entries), entries

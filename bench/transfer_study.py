@@ -75,16 +75,14 @@ class TestSet:
     probabilities are put in, and the positive class of binary AUC."""
 
     def __init__(self, workspace, collection: str):
-        import numpy as np
-
+        from medcurate.config import TrainingConfig
         from medcurate.ingest import read_manifest
+        from medcurate.train.finetune import classes_of, label_targets
 
         manifest = read_manifest(workspace, collection, columns=["id", "label"])
         self.ids = manifest.column("id").to_pylist()
-        labels = [str(v) for v in manifest.column("label").to_pylist()]
-        self.classes = sorted(set(labels))
-        self.y = np.array([self.classes.index(v) for v in labels])
-        self.positive = 1  # classes_of's default: the second class in sorted order
+        self.classes, self.positive = classes_of(manifest, TrainingConfig(**PROBE))
+        self.y = label_targets(manifest, self.classes, collection)
 
     def align(self, ids: list, probs):
         """``probs`` (rows in ``ids`` order) in this test set's row order."""
@@ -147,7 +145,7 @@ def evaluate(scores: dict, probs: dict, tests: dict[str, TestSet], targets: list
     difference from the best metric's, and ranks."""
     import numpy as np
 
-    from medcurate.transfer.evaluate import bootstrap_tau
+    from medcurate.transfer.evaluate import BootstrapTau, bootstrap_tau
 
     metrics = list(next(iter(scores.values()))["metrics"])
     per_target = {}
@@ -166,12 +164,11 @@ def evaluate(scores: dict, probs: dict, tests: dict[str, TestSet], targets: list
                                       bootstrap["replicates"], bootstrap["seed"])
 
     def summary(point: float, draws) -> dict:
-        finite = draws[np.isfinite(draws)]
-        if not np.isfinite(point) or not len(finite):
+        interval = BootstrapTau(point, draws).interval()
+        if not np.isfinite(point) or interval is None:
             return {"tau": None, "low": None, "high": None}
-        low, high = np.quantile(finite, [0.025, 0.975])
-        return {"tau": round(float(point), 6), "low": round(float(low), 6),
-                "high": round(float(high), 6)}
+        return {"tau": round(float(point), 6), "low": round(interval[0], 6),
+                "high": round(interval[1], 6)}
 
     out = {"tau": {}, "mean": {}}
     mean_draws = {}
