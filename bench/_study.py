@@ -213,18 +213,26 @@ class Timings:
         return self.data.get(key, {}).get("seconds")
 
 
+def reused_record(kind: str, key: str, config, workspace) -> dict | None:
+    """The provenance of artefact ``key`` made with the same ``config`` (a command's config),
+    None where there is none; exit with the reason where one was made otherwise: a study's
+    numbers must come from the settings it states."""
+    from medcurate.errors import MedcurateError
+    from medcurate.workspace import shaping_fields
+
+    try:
+        return workspace.reusable(kind, key, config.model_dump(), shaping_fields(config),
+                                  "use another --workspace")
+    except MedcurateError as exc:
+        sys.exit(f"error: {exc}")
+
+
 def ensure_collection(config, workspace, timings: Timings) -> dict:
     from medcurate.ingest import ingest
 
     key = f"ingest/{config.name}"
-    if workspace.exists("collections", config.name):
-        record = workspace.provenance("collections", config.name)
-        wanted = config.model_dump(exclude={"confine_to"})  # as ingest records it
-        if record["config"] != wanted:
-            differ = sorted(k for k in set(wanted) | set(record["config"])
-                            if record["config"].get(k, "?") != wanted.get(k, "?"))
-            sys.exit(f"error: collection {config.name!r} in {workspace.uri} was ingested with "
-                     f"other settings ({', '.join(differ)}); use another --workspace")
+    record = reused_record("collections", config.name, config, workspace)
+    if record is not None:
         log(f"ingest {config.name}: reused")
         return {**record["summary"], "reused": True, "seconds": timings.get(key)}
     log(f"ingest {config.name} from {config.source}")
@@ -265,7 +273,7 @@ def ensure_pretrained(config, workspace, timings: Timings) -> Path:
     from medcurate.train.pretrain import pretrain
 
     key = f"pretrain/{config.model_name}"
-    if workspace.exists("models", config.model_name):
+    if reused_record("models", config.model_name, config, workspace) is not None:
         log(f"pretrain {config.model_name}: reused")
     else:
         log(f"pretrain {config.model_name} on {config.collection} ({config.epochs} epochs)")
@@ -286,7 +294,7 @@ def split_samples(workspace, collection: str, per_class: dict[str, int], seed: i
     import numpy as np
 
     from medcurate.ingest import MANIFEST_FILE, read_manifest
-    from medcurate.transfer.score import ensure_subset, probe_indices
+    from medcurate.transfer.probe import ensure_subset, probe_indices
 
     manifest = read_manifest(workspace, collection)
     sha = workspace.provenance("collections", collection)["outputs"][MANIFEST_FILE]["sha256"]

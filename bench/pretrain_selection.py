@@ -4,7 +4,7 @@
 
 Data: PneumoniaMNIST's train split (4,682 chest X-rays, 28 px) is the pretraining pool; it is
 embedded with ImageNet MobileNetV2 for OptiDEL's margins (`medcurate embed`), selected from with
-`medcurate select --strategy optidel --fraction 0.05 --splits train` (half of the 5% real hard,
+`medcurate optidel --fraction 0.05 --splits train` (half of the 5% real hard,
 diverse images, half synthesised), and pretrained on with `medcurate pretrain --selection`.
 The random arm is `medcurate pretrain --max-images` with as many images as OptiDEL's 5%.
 Model: the tiny MAE of tests/test_mae.py (28 px, patch 7, depth 4, batch 64).
@@ -38,12 +38,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from medcurate.config import EmbedConfig, IngestConfig, PretrainConfig, SelectConfig
+from medcurate.config import EmbedConfig, IngestConfig, OptidelConfig, PretrainConfig
 from medcurate.embed import embed
 from medcurate.ingest import ingest
 from medcurate.models.mae import build_mae, load_mae_encoder
 from medcurate.models.preprocess import Preprocessing, preprocess_batch
-from medcurate.select.run import run_selection
+from medcurate.select.pool import run_optidel
 from medcurate.train import pretrain
 from medcurate.train.evaluation import mean_interval
 from medcurate.workspace import Workspace
@@ -108,10 +108,9 @@ def run(args) -> dict:
     pool = len(data["train_images"])
     records = []
     for seed in args.seeds:
-        selection = run_selection(SelectConfig(
-            embedding_run=run_id, strategy="optidel", fraction=args.fraction, splits=["train"],
-            seed=seed, patch_size=7, selection_id=f"optidel-s{seed}", overwrite=True),
-            workspace)
+        selection = run_optidel(OptidelConfig(
+            embedding_run=run_id, fraction=args.fraction, splits=["train"], seed=seed,
+            patch_size=7, selection_id=f"optidel-s{seed}", overwrite=True), workspace)
         subset = selection["pretraining_images"]
         for arm in args.arms:
             config = arm_config(arm, seed, args.epochs, pool, subset,

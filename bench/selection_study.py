@@ -49,6 +49,8 @@ from _study import (  # bench/ sibling module; pins numeric threads before numpy
     fmt, ingest_config, log, machine, open_study, paired, single_threaded_numerics,
     split_counts, write_results)
 
+from medcurate.catalogue import mae_checkpoint
+
 HAM_OOD = "ham10000-ood"
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "medcurate-selection-study"
 DEFAULT_OUT = RESULTS / "selection_study"
@@ -86,6 +88,7 @@ STRATEGIES = [DEFAULT, "confounder-aware-paper", "random", "stratified", "kcente
 BUDGETS = [5, 10, 25, 50, 100]
 SEEDS = [0, 1, 2, 3, 4]
 QUICK = {"datasets": ["pneumoniamnist"], "budgets": [10, 50], "seeds": [0, 1]}
+RUN_CACHE_BYTES = 2 << 30  # runs kept in memory; the study's largest (HAM10000) is ~50 MB
 METRICS = ["auc", "balanced-accuracy"]
 # The training protocol of every run, ceiling included: a linear probe (dropout 0.5 + linear
 # head) on the frozen encoder's stored features, no augmentation, AdamW, early stopping on
@@ -93,29 +96,17 @@ METRICS = ["auc", "balanced-accuracy"]
 PROTOCOL = {"mode": "linear", "augment": False, "epochs": 100, "patience": 10, "lr": 1e-3,
             "weight_decay": 1e-4, "batch_size": 32, "val_fraction": 0.2}
 
-def cache_pure_steps() -> None:
-    """Memoise ``load_embeddings``, a pure library step that ``compare_selections`` repeats
-    unchanged (a finished run is immutable; it was re-read from Parquet for every selection,
-    ~0.8 s each, 700 times in the full study). The class maps, rebuilt for each of the five
-    budgets before, are now stored beside the run by the library itself (``maps/``).
+def run_cache(enabled: bool):
+    """One cache of read embedding runs for every comparison of the study (``InputsCache``):
+    ``compare_selections`` selects from the same run for every strategy, budget and seed (a
+    finished run is immutable; read from Parquet for each selection it took ~0.8 s, 700 times
+    in the full study). The class maps are stored beside the run by the library itself.
 
-    Outputs are unchanged (each cached matrix is handed out as a copy; ``--no-cache`` runs
-    the library as it is, and the reproducibility check compares the two)."""
-    import functools
+    Outputs are unchanged (the cache hands every selection the arrays it would read;
+    ``--no-cache`` reads them each time, and the reproducibility check compares the two)."""
+    from medcurate.select.run import InputsCache
 
-    import medcurate.select.run as select_run
-
-    load = select_run.load_embeddings
-
-    @functools.lru_cache(maxsize=2)
-    def load_cached(workspace_uri: str, run_id: str, workspace):
-        return load(workspace, run_id)
-
-    def load_embeddings(workspace, run_id):
-        rows, X = load_cached(workspace.uri, run_id, workspace)
-        return rows, X.copy()
-
-    select_run.load_embeddings = load_embeddings
+    return InputsCache(max_bytes=RUN_CACHE_BYTES) if enabled else None
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -149,7 +140,8 @@ def ensure_encoder(arm: dict, workspace, timings: Timings) -> str:
     return f"mae:{ensure_pretrained(config, workspace, timings)}"
 
 
-def ensure_comparison(config, workspace, timings: Timings, recompute: bool) -> dict:
+def ensure_comparison(config, workspace, timings: Timings, recompute: bool,
+                      runs=None) -> dict:
     from medcurate.train.compare import compare_selections
 
     key = f"compare/{config.comparison_id}"
@@ -160,7 +152,8 @@ def ensure_comparison(config, workspace, timings: Timings, recompute: bool) -> d
         log(f"compare {config.comparison_id}: {len(config.strategies)} strategies × "
             f"{len(config.budgets)} budgets × {len(config.seeds)} seeds")
         start = time.perf_counter()
-        compare_selections(config.model_copy(update={"overwrite": recompute}), workspace)
+        compare_selections(config.model_copy(update={"overwrite": recompute}), workspace,
+                           inputs=runs)
         seconds, reused = time.perf_counter() - start, False
         timings.record(key, seconds)
         log(f"compare {config.comparison_id}: {seconds:.0f} s")
@@ -290,7 +283,7 @@ def grouping_markdown(facts: dict) -> list[str]:
 
 
 def encoder_text(spec: str) -> str:
-    if spec.startswith("mae:"):
+    if mae_checkpoint(spec) is not None:
         return (f"{MAE_PRETRAIN['arch']} MAE pretrained here on the train split "
                 f"({MAE_PRETRAIN['img_size']} px, {MAE_PRETRAIN['epochs']} epochs)")
     return f"{spec} (ImageNet, 224 px)"
@@ -444,8 +437,8 @@ def main() -> None:
                         help="redo every selection and training run (ingest and embeddings "
                              "are still reused)")
     parser.add_argument("--no-cache", action="store_true",
-                        help="run the library without the in-process memoisation of embeddings "
-                             "and per-class maps (same numbers, slower)")
+                        help="read the embedding run for every selection instead of keeping "
+                             "it in memory across the study (same numbers, slower)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output prefix (default docs/results/selection_study; with "
                              "--quick <workspace>/results/selection_study_quick)")
@@ -465,8 +458,7 @@ def main() -> None:
 
     started = time.perf_counter()
     single_threaded_numerics()
-    if not args.no_cache:
-        cache_pure_steps()
+    runs = run_cache(not args.no_cache)
     workspace, inputs, timings = open_study(args.workspace)
     log(f"workspace {args.workspace}; data {args.data}; data sets {args.datasets}; "
         f"budgets {args.budgets}; seeds {args.seeds}; strategies {args.strategies}")
@@ -490,7 +482,7 @@ def main() -> None:
         encoder = ensure_encoder(arm, workspace, timings)
         embedding = ensure_embedding(arm["collection"], workspace, timings, model=encoder)
         config = compare_config(embedding["run_id"], name, args)
-        comparison = ensure_comparison(config, workspace, timings, args.recompute)
+        comparison = ensure_comparison(config, workspace, timings, args.recompute, runs)
         summary, records = comparison["summary"], comparison["records"]
         counts = split_counts(workspace, arm["collection"])
         stages = {"ingest_s": collection["seconds"], "embed_s": embedding["seconds"],

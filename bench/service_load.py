@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 import urllib.error
@@ -34,7 +35,6 @@ from select_scale import planted_embeddings  # bench/ sibling module
 
 from medcurate.synthetic import write_embedding_run
 from medcurate.workspace import Workspace
-from service.process import ServiceProcess
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -89,6 +89,9 @@ def run(args, root: Path) -> dict:
     (root / "tokens").chmod(0o600)  # the service refuses a tokens file others can read
     (root / "data").mkdir()
     figures: dict[str, dict] = {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from service_process import ServiceProcess  # the tests' harness: the service on free ports
+
     with ServiceProcess(Path(workspace.root), [root / "data"], root / "tokens",
                         root / "serve.log",
                         env={"MEDCURATE_REPLICAS": str(args.replicas)}) as service:

@@ -14,9 +14,8 @@ import sys
 
 from pydantic import ValidationError
 
-from medcurate.cli import validation_message
 from medcurate.commands import run_command
-from medcurate.errors import MedcurateError
+from medcurate.errors import MedcurateError, validation_message
 from medcurate.workspace import Workspace, store_error_message
 
 

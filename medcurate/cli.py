@@ -1,5 +1,8 @@
-"""The ``medcurate`` command line: every command is generated from its pydantic config, so the
-CLI, the HTTP API and cluster jobs accept exactly the same parameters."""
+"""The library's command line: every COMMANDS entry becomes a command in one loop, its options
+generated from its pydantic config (so the CLI, the HTTP API and cluster jobs accept exactly
+the same parameters), its help and its stderr line taken from the entry; plus collections and
+gc. ``python -m medcurate`` runs it; the ``medcurate`` program (``service.cli``) adds serve,
+submit and jobs to it."""
 
 from __future__ import annotations
 
@@ -12,9 +15,8 @@ from collections.abc import Callable
 import typer
 from pydantic import BaseModel, ValidationError
 
-from medcurate.commands import COMMANDS
-from medcurate.config import IngestConfig, ScoreConfig, SelectConfig
-from medcurate.errors import MedcurateError
+from medcurate.commands import COMMANDS, Command
+from medcurate.errors import MedcurateError, validation_message
 from medcurate.workspace import GRACE_SECONDS, Workspace, store_error_message
 
 app = typer.Typer(
@@ -51,15 +53,6 @@ def open_workspace(uri: str | None) -> Workspace:
     return workspace
 
 
-def validation_message(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = "--" + "-".join(str(p) for p in item["loc"]).replace("_", "-") if item["loc"] else ""
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
-
-
 def build_config(config_cls: type[BaseModel], values: dict) -> BaseModel:
     try:
         return config_cls(**values)
@@ -93,101 +86,37 @@ def _parameter(name: str, field) -> inspect.Parameter:
                              annotation=typing.Annotated[annotation, info])
 
 
-def config_command(typer_app: typer.Typer, name: str, config_cls: type[BaseModel],
-                   help: str) -> Callable:
-    """Register ``run(config, workspace) -> dict`` as a command taking the config's fields."""
+def _command(entry: Command) -> Callable:
+    """The typer function of one COMMANDS entry: the config's fields as options and arguments;
+    the result as JSON on stdout, after the entry's one line on stderr."""
 
-    def decorator(run: Callable[[BaseModel, Workspace], dict]) -> Callable:
-        def command(**kwargs):
-            config = build_config(config_cls, {k: v for k, v in kwargs.items()
-                                               if k != "workspace"})
-            workspace = open_workspace(kwargs["workspace"])
-            try:
-                result = run(config, workspace)
-            except MedcurateError as exc:
-                fail(str(exc))
-            except OSError as exc:  # the store failed mid-command; drafts were cleaned up
-                fail(store_error_message(workspace.uri, exc))
-            typer.echo(json.dumps(result, indent=2, default=str))
+    def command(**kwargs):
+        config = build_config(entry.config, {k: v for k, v in kwargs.items()
+                                             if k != "workspace"})
+        workspace = open_workspace(kwargs["workspace"])
+        try:
+            result = entry.run(config, workspace)
+            message = entry.printer(config, workspace, result) if entry.printer else None
+        except MedcurateError as exc:
+            fail(str(exc))
+        except OSError as exc:  # the store failed mid-command; drafts were cleaned up
+            fail(store_error_message(workspace.uri, exc))
+        if message:
+            typer.echo(message, err=True)
+        shown = {k: v for k, v in result.items() if k not in entry.cli_omits}
+        typer.echo(json.dumps(shown, indent=2, default=str))
 
-        params = [inspect.Parameter("workspace", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                    annotation=WorkspaceOption)]
-        params += [_parameter(field_name, field)
-                   for field_name, field in config_cls.model_fields.items()]
-        command.__signature__ = inspect.Signature(params)
-        command.__doc__ = help
-        typer_app.command(name, help=help)(command)
-        return run
-
-    return decorator
-
-
-@config_command(app, "ingest", IngestConfig,
-                "Ingest an archive into a collection: manifest.parquet (ids, labels, splits, "
-                "image properties, metadata) and rejects.parquet (every unusable file and why).")
-def ingest_command(config: IngestConfig, workspace: Workspace) -> dict:
-    from medcurate.ingest import ingest
-
-    summary = ingest(config, workspace)
-    typer.echo(f"ingested {summary['ingested']} images into collection {config.name!r} "
-               f"({summary['rejected']} rejected, {summary['exact_duplicates']} exact duplicates)",
-               err=True)
-    return summary
+    params = [inspect.Parameter("workspace", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=WorkspaceOption)]
+    params += [_parameter(field_name, field)
+               for field_name, field in entry.config.model_fields.items()]
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = entry.help
+    return command
 
 
-@config_command(app, "select", SelectConfig,
-                "Select a budget of images per class from an embedding run: selection.parquet "
-                "(id, label, group, reason), summary.json and report.html.")
-def select_command(config: SelectConfig, workspace: Workspace) -> dict:
-    from medcurate.select.run import run_selection
-
-    summary = run_selection(config, workspace)
-    report = workspace.location(workspace.path("selections", summary["selection_id"],
-                                                "report.html"))
-    typer.echo(f"selected {summary['selected']} of {summary['images']} images; report: {report}",
-               err=True)
-    return {k: v for k, v in summary.items() if k != "metadata"}
-
-
-@config_command(app, "score", ScoreConfig,
-                "Rank a zoo of pretrained models for a target collection without fine-tuning: "
-                "the paper's LP x FU score and 11 baseline metrics, as a table and CSV/JSON.")
-def score_command(config: ScoreConfig, workspace: Workspace) -> dict:
-    from medcurate.transfer.score import format_table, score
-
-    document = score(config, workspace)
-    typer.echo(format_table(document), err=True)
-    return document
-
-
-PLAIN_COMMANDS = {
-    "embed": "Embed a collection with an encoder on Ray Data into Parquet shards; re-running "
-             "the same command resumes a run that was cut short.",
-    "curate": "The main job: ingest → embed → select → report. Without SOURCE it runs on a "
-              "built-in synthetic demo archive (clearly labelled as such).",
-    "pretrain": "Pretrain a masked autoencoder (ViT) on a collection with Ray Train; the "
-                "checkpoint lands in models/<name>/ and loads as the encoder mae:<path>.",
-    "finetune": "Fine-tune (or linear-probe) a registry encoder + linear head on a selection or "
-                "collection with Ray Train; AUC and balanced accuracy on every test set, "
-                "published as models/<run>/ (model.pt, metrics.json/csv, predictions).",
-    "audit": "Shortcut audit: train every zoo model with a synthetic or metadata confounder in "
-             "a share p of the positives; i.i.d. vs o.o.d. (reversed) AUC per level, the drop, "
-             "paired permutation tests, an HTML report and CSV under audits/<id>/.",
-    "compare-selections": "Closed-loop check: select with several strategies at equal budgets "
-                          "and seeds, train on each, and report mean and 95% interval of each "
-                          "metric per strategy and budget (table, CSV, plot).",
-}
-
-
-def _register_plain(name: str, help: str) -> None:
-    entry = COMMANDS[name]
-    config_command(app, name, entry.config, help)(entry.run)
-
-
-for _name, _help in PLAIN_COMMANDS.items():
-    _register_plain(_name, _help)
-
-__import__("medcurate.remote", fromlist=["register"]).register(app)  # serve, submit, jobs
+for _name, _entry in COMMANDS.items():
+    app.command(_name, help=_entry.help)(_command(_entry))
 
 
 @collections_app.command("list")

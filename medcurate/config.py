@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      model_validator)
+                      field_validator, model_validator)
 
+from medcurate import catalogue
 from medcurate.workspace import validate_key
 
 
@@ -170,11 +171,7 @@ class CurateConfig(IngestConfig):
 # look alike), with no gap to cut at; 0.99 takes the near copies and leaves the merely similar.
 NEAR_DUPLICATE_COSINE = 0.99
 
-Strategy = Literal["confounder-aware", "confounder-aware-paper", "random", "stratified",
-                   "kcenter", "herding", "facility-location", "typicality", "cluster-random",
-                   "optidel"]
-# Strategies that select a share of the whole pool (--fraction) for pretraining, ignoring labels.
-POOL_STRATEGIES = ("optidel",)
+Strategy = Literal[catalogue.STRATEGIES]
 
 
 def extractor_location(value: str) -> str:
@@ -186,13 +183,70 @@ def extractor_location(value: str) -> str:
 ExtractorSpec = Annotated[str, AfterValidator(extractor_location)]
 
 
+ClusterMethod = Literal["dbscan", "hdbscan", "kmeans"]
+WithinOrder = Literal["herding", "quantile", "quantile-mid", "nearest", "farthest"]
+Allocation = Literal["share", "paper"]
+
+
+class StrategyParams(BaseModel):
+    """A selection strategy's own parameters (beyond the run, budget, strata and seed), with
+    the strategy's defaults; the base itself is the parameters of a strategy that has none.
+    One model per kind of strategy (``STRATEGY_PARAMS``), each field a keyword of the
+    strategy's function in ``medcurate.select`` (a test checks names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Draws a 2-D map per class: also takes ``transform_map`` and ``map_store`` at run time.
+    draws_maps: ClassVar[bool] = False
+
+
+class GraphParams(StrategyParams):
+    """facility-location, typicality: a k-NN graph per class."""
+
+    n_neighbors: int = 20
+
+
+class MapParams(StrategyParams):
+    """cluster-random, confounder-aware-paper: groups found in each class's 2-D UMAP map."""
+
+    draws_maps: ClassVar[bool] = True
+    pca_dims: int = 50
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    method: ClusterMethod = "dbscan"
+    fit_sample: int = 20_000
+    map_seed: int = 0
+
+
+class ConfounderAwareParams(MapParams):
+    """confounder-aware: the map's groups, with a choice of budget split and pick order."""
+
+    within: WithinOrder = "herding"
+    allocation: Allocation = "share"
+    balance_groups: bool = False
+
+
+STRATEGY_PARAMS: dict[str, type[StrategyParams]] = {
+    "confounder-aware": ConfounderAwareParams,
+    "confounder-aware-paper": MapParams,
+    "random": StrategyParams,
+    "stratified": StrategyParams,
+    "kcenter": StrategyParams,
+    "herding": StrategyParams,
+    "facility-location": GraphParams,
+    "typicality": GraphParams,
+    "cluster-random": MapParams,
+}
+
+
 class SelectConfig(CommandConfig):
-    """A selection over a finished embedding run; strategy parameters left unset (None) take
-    the strategy's own defaults, and a parameter the strategy does not use is an error."""
+    """A selection over a finished embedding run. The strategy's parameters are flat fields
+    (so the CLI has one option each and HTTP one key each); left unset (None) they take the
+    strategy's own defaults, and one the strategy does not use is an error: ``params`` is the
+    strategy's own model of them (``STRATEGY_PARAMS``)."""
 
     embedding_run: Key = argument("Embedding run to select from (see `medcurate embed`).")
     budget_per_class: int | None = Field(None, ge=1, le=MAX_BUDGET, description="Images to "
-                                         "select per class, for every strategy but optidel (a "
+                                         "select per class (required; a "
                                          "class with fewer images is taken whole, and the "
                                          f"summary says so; at most {MAX_BUDGET:,}).")
     strategy: Strategy = Field("confounder-aware", description="Selection strategy.")
@@ -208,14 +262,14 @@ class SelectConfig(CommandConfig):
     seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
     selection_id: Key | None = Field(None, description="Key of the selection (default: derived "
                                      "from the run, strategy, budget and parameters).")
-    method: Literal["dbscan", "hdbscan", "kmeans"] | None = Field(
+    method: ClusterMethod | None = Field(
         None, description="Clustering of each class's 2-D map (confounder-aware, cluster-random;"
         " default dbscan, parameters chosen automatically).")
-    within: Literal["herding", "quantile", "quantile-mid", "nearest", "farthest"] | None = Field(
+    within: WithinOrder | None = Field(
         None, description="Order of picks inside a group (confounder-aware; default herding: "
         "the group's most typical image first, then mean matching; quantile: evenly spaced "
         "distance ranks from the centre; quantile-mid: the paper's bin mid-points).")
-    allocation: Literal["share", "paper"] | None = Field(
+    allocation: Allocation | None = Field(
         None, description="Split of a class's budget over its groups (confounder-aware; "
         "default share: proportional, a guaranteed pick only for groups of at least class "
         "size / (2 x budget), never for noise; paper: one pick per group while it lasts).")
@@ -239,52 +293,113 @@ class SelectConfig(CommandConfig):
                                    "many images in a class UMAP is fitted on a sample and the "
                                    "rest transformed in parallel on Ray (default 20000; at most "
                                    f"{MAX_FIT_SAMPLE:,}).")
-    fraction: float | None = Field(None, gt=0, le=1, description="Share of the pool to select, "
-                                   "real and synthetic images together (optidel, which budgets "
-                                   "the whole pool instead of each class; e.g. 0.05).")
-    hard_share: float | None = Field(None, gt=0, le=1, description="Share of the pool with the "
-                                     "smallest margins that the picks come from (optidel; "
-                                     "default 0.2).")
-    synth_share: float | None = Field(None, ge=0, le=1, description="Share of the selection "
-                                      "synthesised by pasting patches across clusters, written "
-                                      "as the collection <selection>-synth (optidel; default "
-                                      "0.5).")
-    n_clusters: int | None = Field(None, ge=2, le=MAX_CLUSTERS, description="k-means "
-                                   "prototypes whose cell boundaries the margins are measured "
-                                   f"to (optidel; default 10; at most {MAX_CLUSTERS}).")
-    extractor: ExtractorSpec | None = Field(None, description="Patch extractor of the synthesis:"
-                                            " grid, or sam:CHECKPOINT (needs the "
-                                            "segment_anything package) (optidel; default grid).")
-    patch_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE, description="Side of the "
-                                   "grid extractor's patches in pixels (optidel; default a "
-                                   f"quarter of the image's side; at most {MAX_IMAGE_SIDE}).")
-    min_content: float | None = Field(None, ge=0, lt=1, description="Patches whose pixels' "
-                                      "standard deviation (in [0, 1] units) is below this are "
-                                      "blank and never pasted (optidel; default 0.02).")
     overwrite: bool = Field(False, description="Replace an existing selection of this id.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_pool_options(cls, values):
+        return misplaced(values, {"fraction": "--fraction is for `medcurate optidel`, which "
+                                  "selects a share of the whole pool"})
+
     @model_validator(mode="after")
-    def _budget_or_fraction(self) -> SelectConfig:
-        name = self.strategy
-        if name in POOL_STRATEGIES:
-            if self.fraction is None or self.budget_per_class is not None:
-                raise ValueError(f"strategy {name} selects a share of the whole pool: pass "
-                                 "--fraction (e.g. 0.05) and no --budget-per-class (a "
-                                 "pretraining pool has no classes to budget)")
-            if self.stratify_by:
-                raise ValueError(f"strategy {name} selects from the whole pool; --stratify-by "
-                                 "keeps per-class budgets and does not apply")
-        elif self.budget_per_class is None or self.fraction is not None:
-            raise ValueError(f"strategy {name} needs --budget-per-class; --fraction is for "
-                             f"{', '.join(POOL_STRATEGIES)}")
+    def _needs_budget_and_known_params(self) -> SelectConfig:
+        if self.budget_per_class is None:
+            raise ValueError(f"strategy {self.strategy} needs --budget-per-class")
+        unused = sorted(set(self._given()) - set(STRATEGY_PARAMS[self.strategy].model_fields))
+        if unused:
+            raise ValueError(f"strategy {self.strategy} takes no "
+                             f"{', '.join('--' + n.replace('_', '-') for n in unused)}")
+        return self
+
+    def _given(self) -> dict:
+        """The strategy parameters set (flat fields not None; balance_groups where True)."""
+        names = dict.fromkeys(name for model in STRATEGY_PARAMS.values()
+                              for name in model.model_fields)
+        given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if not self.balance_groups:
+            given.pop("balance_groups")
+        return given
+
+    @property
+    def params(self) -> StrategyParams:
+        """The strategy's parameters, its defaults filled in."""
+        return STRATEGY_PARAMS[self.strategy](**self._given())
+
+    def strategy_params(self) -> dict:
+        """The parameters set, as keywords of the strategy (unset ones keep its defaults)."""
+        return self.params.model_dump(exclude_unset=True)
+
+
+def misplaced(values, reasons: dict[str, str]):
+    """Refuse fields that belong to another command with a message naming it (before the
+    generic "extra inputs are not permitted")."""
+    if isinstance(values, dict):
+        given = [reason for name, reason in reasons.items() if values.get(name) not in (None, [])]
+        if given:
+            raise ValueError("; ".join(given))
+    return values
+
+
+class OptidelConfig(CommandConfig):
+    """OptiDEL over a finished embedding run: a share of the whole pool for pretraining, real
+    hard images plus synthetic ones, labels ignored (so unlabeled archives are fine)."""
+
+    # Its place among selections (the summary and default key name it as the strategy): no
+    # budget per class, no strata.
+    strategy: ClassVar[str] = "optidel"
+    budget_per_class: ClassVar[None] = None
+    stratify_by: ClassVar[tuple[str, ...]] = ()
+
+    embedding_run: Key = argument("Embedding run to select from (see `medcurate embed`).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Share of the pool to select, "
+                                   "real and synthetic images together (required; e.g. 0.05).")
+    splits: CommaList = Field(default_factory=list, description="Select only among images of "
+                              "these splits (e.g. train, so test images stay unseen; at most "
+                              "32); default: every image of the run.")
+    seed: int = Field(0, description="Seed of every random choice; same seed, same selection.")
+    selection_id: Key | None = Field(None, description="Key of the selection (default: derived "
+                                     "from the run, fraction and parameters).")
+    hard_share: float = Field(0.2, gt=0, le=1, description="Share of the pool with the smallest "
+                              "margins that the picks come from.")
+    synth_share: float = Field(0.5, ge=0, le=1, description="Share of the selection synthesised "
+                               "by pasting patches across clusters, written as the collection "
+                               "<selection>-synth.")
+    n_clusters: int = Field(10, ge=2, le=MAX_CLUSTERS, description="k-means prototypes whose "
+                            "cell boundaries the margins are measured to (at most "
+                            f"{MAX_CLUSTERS}).")
+    extractor: ExtractorSpec = Field("grid", description="Patch extractor of the synthesis: "
+                                     "grid, or sam:CHECKPOINT (needs the segment_anything "
+                                     "package).")
+    patch_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE, description="Side of the "
+                                   "grid extractor's patches in pixels (default a quarter of the "
+                                   f"image's side; at most {MAX_IMAGE_SIDE}).")
+    min_content: float = Field(0.02, ge=0, lt=1, description="Patches whose pixels' standard "
+                               "deviation (in [0, 1] units) is below this are blank and never "
+                               "pasted.")
+    overwrite: bool = Field(False, description="Replace an existing selection (and its "
+                            "synthetic collection) of this id.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_budget_options(cls, values):
+        return misplaced(values, {
+            "budget_per_class": "optidel selects a share of the whole pool: no "
+                                "--budget-per-class (a pretraining pool has no classes to "
+                                "budget)",
+            "stratify_by": "optidel selects from the whole pool; --stratify-by keeps "
+                           "per-class budgets and does not apply"})
+
+    @model_validator(mode="after")
+    def _needs_fraction(self) -> OptidelConfig:
+        if self.fraction is None:
+            raise ValueError("optidel selects a share of the whole pool: pass --fraction "
+                             "(e.g. 0.05)")
         return self
 
     def strategy_params(self) -> dict:
-        names = ("method", "within", "allocation", "pca_dims", "n_neighbors", "min_dist",
-                 "map_seed", "fit_sample", "fraction", "hard_share", "synth_share", "n_clusters", "extractor",
-                 "patch_size", "min_content")
-        params = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        return {**params, "balance_groups": True} if self.balance_groups else params
+        """The keyword arguments of ``medcurate.select.optidel.optidel``."""
+        return self.model_dump(include={"fraction", "hard_share", "synth_share", "n_clusters",
+                                        "extractor", "patch_size", "min_content"})
 
 
 class ScoreConfig(CommandConfig):
@@ -294,12 +409,10 @@ class ScoreConfig(CommandConfig):
                            "'train' split (every image where it has no splits) is scored.")
     zoo: Location = Field(..., description="YAML file listing the candidate models: entries with "
                      "name, model (an encoder spec) and optional weights.")
-    metrics: CommaList = Field(default_factory=lambda: ["all"], description="'all', or a comma "
-                               "list of lp, fu, logme, leep, nce, nleep, hscore, hscore-reg, "
-                               "sfda, parc, ncti, gbc, transrate; NAME:VARIANT picks a published "
-                               "variant (leep:prob, nleep:prob, ncti:plus, gbc:spherical; "
-                               "logme, hscore-reg, sfda, parc and nleep:reference reproduce "
-                               "the authors' code); at most 32.")
+    metrics: CommaList = Field(default_factory=lambda: [catalogue.ALL_METRICS],
+                               description=catalogue.metrics_help() + "; the 'reference' "
+                               "variants of logme, hscore-reg, sfda, parc and nleep reproduce "
+                               "the authors' code; at most 32.")
     per_class: int = Field(100, ge=1, le=MAX_PROBE_PER_CLASS, description="Probe images per "
                            "class (a smaller class is taken whole; at most "
                            f"{MAX_PROBE_PER_CLASS:,}).")
@@ -309,10 +422,17 @@ class ScoreConfig(CommandConfig):
                                  "command reuses a finished result).")
     overwrite: bool = Field(False, description="Recompute an existing result of this id.")
 
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        """An unknown metric or variant is a config error (an HTTP 422), not a failed job."""
+        for item in metrics:
+            if item != catalogue.ALL_METRICS:
+                catalogue.parse_metric(item)
+        return metrics
 
-# The architectures of medcurate.models.mae.ARCHS (kept here so the CLI starts without torch;
-# a test checks the two agree).
-MaeArch = Literal["mae-vit-tiny", "mae-vit-small"]
+
+MaeArch = Literal[catalogue.MAE_ARCHS]
 
 
 class PretrainConfig(CommandConfig):
@@ -345,8 +465,8 @@ class PretrainConfig(CommandConfig):
                                    "random subset of this many images (quick runs; at most "
                                    f"{MAX_IMAGES:,}).")
     selection: Key | None = Field(None, description="Train only on this selection's images "
-                                  "(made from COLLECTION by `medcurate select`, e.g. --strategy "
-                                  "optidel), plus the images it synthesised, if any.")
+                                  "(made from COLLECTION by `medcurate select` or `medcurate "
+                                  "optidel`), plus the images it synthesised, if any.")
     name: Key | None = Field(None, description="Name of the model to write; default "
                              "<selection or collection>-<arch>.")
     overwrite: bool = Field(False, description="Replace an existing model of this name.")
@@ -464,10 +584,12 @@ class AuditConfig(TrainingConfig):
         if bad or not self.levels:
             raise ValueError(f"levels must lie in [0, 1]; got {self.levels}")
         kind, _, column = self.confounder.partition(":")
-        if kind not in ("tag", "lowpass", "poisson", "metadata"):
-            raise ValueError(f"unknown confounder {self.confounder!r}; choose tag, lowpass, "
-                             "poisson or metadata:COLUMN")
-        if (kind == "metadata") != bool(column) or (kind == "metadata") != bool(self.carrier):
+        metadata = kind == catalogue.METADATA_CONFOUNDER
+        if kind not in catalogue.IMAGE_CONFOUNDERS and not metadata:
+            raise ValueError(f"unknown confounder {self.confounder!r}; choose "
+                             f"{', '.join(catalogue.IMAGE_CONFOUNDERS[:-1])}, "
+                             f"{catalogue.IMAGE_CONFOUNDERS[-1]} or metadata:COLUMN")
+        if metadata != bool(column) or metadata != bool(self.carrier):
             raise ValueError("a metadata confounder is written metadata:COLUMN and needs "
                              "--carrier VALUE; image confounders take neither")
         return self
@@ -502,10 +624,6 @@ class CompareConfig(TrainingConfig):
         if unknown or not self.strategies:
             raise ValueError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from "
                              f"{', '.join(Strategy.__args__)}")
-        pool = [s for s in self.strategies if s in POOL_STRATEGIES]
-        if pool:
-            raise ValueError(f"{', '.join(pool)} selects pretraining data by --fraction; "
-                             "compare-selections compares per-class budgets for fine-tuning")
         if any(b < 1 for b in self.budgets) or not self.budgets or not self.seeds:
             raise ValueError("budgets must be positive and budgets and seeds non-empty")
         return self

@@ -17,9 +17,9 @@ import hashlib
 
 import numpy as np
 
+from medcurate.catalogue import IMAGE_CONFOUNDERS
 from medcurate.errors import MedcurateError
 
-IMAGE_CONFOUNDERS = ("tag", "lowpass", "poisson")
 ROLES = ("train", "iid", "ood")
 PAPER_SIZE = 1024
 

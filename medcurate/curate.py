@@ -14,10 +14,9 @@ from medcurate.config import (DEFAULT_ENCODER, CurateConfig, EmbedConfig, Ingest
                               SelectConfig)
 from medcurate.demo import DEMO_NOTICE, make_demo_archive
 from medcurate.embed import embed
-from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest
 from medcurate.select.run import run_selection
-from medcurate.workspace import Workspace, validate_key
+from medcurate.workspace import Workspace, shaping_fields, validate_key
 
 DEMO_MODEL = "mobilenetv2-imagenet"
 
@@ -28,17 +27,14 @@ def _say(message: str) -> None:
 
 def _collection(config: CurateConfig, workspace: Workspace) -> tuple[str, dict]:
     """Ingest the source, or reuse the collection an identical ingest made before."""
-    fields = set(IngestConfig.model_fields)
-    ingest_config = IngestConfig(**config.model_dump(include=fields))
+    ingest_config = IngestConfig(**config.model_dump(include=set(IngestConfig.model_fields)))
     name = ingest_config.name
-    if workspace.exists("collections", name) and not config.overwrite:
-        earlier = workspace.provenance("collections", name)["config"]
-        compared = fields - {"overwrite", "confine_to"}  # confine_to is not in provenance
-        if {k: earlier.get(k) for k in compared} != ingest_config.model_dump(include=compared):
-            raise MedcurateError(f"collection {name!r} exists from another source or options; "
-                                 "pass --name NEW or --overwrite")
+    earlier = None if config.overwrite else workspace.reusable(
+        "collections", name, ingest_config.model_dump(), shaping_fields(ingest_config),
+        "pass --name NEW or --overwrite")
+    if earlier is not None:
         _say(f"reusing collection {name!r} (same source and options)")
-        return name, workspace.provenance("collections", name)["summary"]
+        return name, earlier["summary"]
     _say(f"ingesting {ingest_config.source} into collection {name!r}")
     return name, ingest(ingest_config, workspace)
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from medcurate.config import EmbedConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
-from medcurate.ingest.decode import load_image
+from medcurate.ingest.decode import decode_preprocess, image_columns
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
 from medcurate.workspace import MAX_KEY_LENGTH, PROVENANCE_FILE, Workspace
@@ -62,17 +62,8 @@ class _DecodeBatch:
         self.preprocessing = preprocessing
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from medcurate.models import preprocess_batch
-
-        has_window = "window_center" in batch.column_names
-        images = []
-        for index, (uri, member) in enumerate(zip(batch.column("uri").to_pylist(),
-                                                  batch.column("member").to_pylist())):
-            window = ((batch.column("window_center")[index].as_py(),
-                       batch.column("window_width")[index].as_py()) if has_window else (None, None))
-            images.append(load_image(uri, member, *window))
         return {"row": batch.column("row").to_numpy(),
-                "pixels": preprocess_batch(images, self.preprocessing),
+                "pixels": decode_preprocess(batch.to_pydict(), self.preprocessing),
                 "decode_node": np.full(batch.num_rows, this_node())}
 
 
@@ -232,9 +223,7 @@ def _embed_shards(config: EmbedConfig, run: EmbeddingRun, manifest: pa.Table,
     start = time.monotonic()
     ensure_ray()
     size = config.shard_size
-    columns = ["uri", "member"] + [
-        c for c in ("window_center", "window_width") if c in manifest.column_names]
-    table = manifest.select(columns).append_column(
+    table = manifest.select(image_columns(manifest)).append_column(
         "row", pa.array(np.arange(manifest.num_rows), pa.int64()))
     decode = stage_resources("decode")
     model = stage_resources("embed", config.batch_size)

@@ -4,6 +4,11 @@ Every stage that runs on Ray names its CPUs, GPUs, batch size and concurrency he
 Curator's stages do), so a cluster operator reads one table to size a cluster, and the
 2-core deadlock (actors holding every CPU while an upstream read task waits for one) is
 avoided by construction: actors take fractional CPUs on CPU-only nodes.
+
+Stages: ``ingest_probe`` (ingest), ``decode`` and ``embed`` (embedding; decode also feeds
+training), ``score`` (one task per zoo model), ``train_worker`` (Ray Train workers of finetune
+and pretrain), ``umap_transform`` (selection's UMAP transform chunks), ``serve_replica`` (the
+HTTP service's Serve deployment) and ``report`` (a selection's report page).
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ def largest_node_cpus() -> int:
                    default=0))
 
 
-def stage_resources(stage: str, batch_size: int | None = None) -> StageResources:
-    """Resources of one stage given the cluster at hand (CPU-only or with GPUs)."""
+def stage_resources(stage: str, batch_size: int | None = None, *,
+                    tasks: int = 1) -> StageResources:
+    """Resources of one stage given the cluster at hand (CPU-only or with GPUs); ``tasks``:
+    how many of the stage's tasks run side by side (the zoo's models, for ``score``)."""
     gpus = gpu_count()
     cpus = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))) \
         if ray.is_initialized() else (os.cpu_count() or 1)
@@ -71,12 +78,27 @@ def stage_resources(stage: str, batch_size: int | None = None) -> StageResources
         actors = max(1, cpus // threads)
         return StageResources(num_cpus=max(0.5, min(threads, node - 1)),
                               batch_size=batch_size or 32, concurrency=actors, threads=threads)
+    if stage == "score":
+        # One task per zoo model, all at once: each takes an equal share of the CPUs (at
+        # least one, at most 8) and runs torch and BLAS on as many threads, and a share of
+        # the GPUs. They wait on nothing, so they cannot deadlock.
+        share = max(1, min(8, cpus // tasks))
+        return StageResources(num_cpus=share, num_gpus=min(1.0, gpus / tasks) if gpus else 0,
+                              threads=share)
+    if stage == "train_worker":
+        # A Ray Train worker (finetune, pretrain): one CPU, and one GPU where the run uses
+        # GPUs (``training_gpu``); one more CPU must stay free for the Ray Data tasks that
+        # decode its batches.
+        return StageResources(num_cpus=1)
+    if stage == "umap_transform":  # one chunk of a class's points through a fitted UMAP
+        return StageResources(num_cpus=1)
     if stage == "serve_replica":
         # Selections in the request run on the replica's threads under one GIL, with BLAS and
         # OpenMP held to one thread (``threads``): one CPU. On a node of 2 it declares half,
         # so a job's 1-CPU task still fits beside it (else jobs wait on the replica forever).
+        # ``concurrency``: requests a replica takes at once (see ``service.app``).
         return StageResources(num_cpus=1.0 if (largest_node_cpus() or cpus) >= 4 else 0.5,
-                              threads=1)
+                              concurrency=128, threads=1)
     if stage == "report":  # one selection's report.html: matplotlib and JPEG, one thread
         return StageResources(num_cpus=0.5, threads=1)
     raise ValueError(f"unknown stage {stage!r}")
@@ -103,14 +125,16 @@ class NodesSeen:
 
 def training_gpu(num_workers: int, use_gpu: bool | None) -> bool:
     """Whether Ray Train workers take GPUs (default: when Ray has one per worker), after
-    checking the cluster can hold them: on CPU each worker takes one CPU and one more must stay
-    free for the Ray Data tasks feeding them, or training waits for data forever."""
+    checking the cluster can hold them: each worker takes its ``train_worker`` CPUs and one
+    more must stay free for the Ray Data tasks feeding them, or training waits for data
+    forever."""
     gpus = gpu_count()
     if use_gpu and gpus < num_workers:
         raise MedcurateError(f"use_gpu needs {num_workers} GPU(s); Ray has {gpus}")
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    if cpus < num_workers + 1:
-        raise MedcurateError(f"{num_workers} training worker(s) need at least {num_workers + 1} "
+    needed = num_workers * stage_resources("train_worker").num_cpus + 1
+    if cpus < needed:
+        raise MedcurateError(f"{num_workers} training worker(s) need at least {needed} "
                              f"CPUs in Ray (one left for decoding); Ray has {cpus}")
     return gpus >= num_workers if use_gpu is None else use_gpu
 

@@ -7,9 +7,13 @@ of small commit objects::
     <kind>/<key>/versions/<version>/   the artefact's files, provenance.json among them
     <kind>/<key>/commits/<seq>.json    {"version": …}: the highest seq names the live version
 
-Kinds: collections, embeddings, selections, maps (a run's class maps, reused by later
-selections), models, scores, audits, comparisons; ``jobs/<id>/`` is scratch (Ray Train storage),
-not versioned.
+The kinds (collections, embeddings, selections, maps, models, scores, audits, comparisons) are
+declared once in ``ARTEFACTS``, each with the result fields that name an artefact and what
+publishing to a key that exists does (return it, or refuse unless overwriting); ``jobs/<id>/``
+is scratch (Ray Train storage), not versioned. Around the protocol the module holds what every
+command needs of the store: files, JSON and Parquet tables read and written by path, lookup of
+artefacts by their recorded config (``find``, ``reusable``), ``gc``, and the one message for a
+store that failed (``store_error_message``).
 
 Why this shape: object stores have no directory rename and no atomic multi-file publish, but
 S3 (``If-None-Match: *``), GCS (generation precondition) and a local disk (``link``) can all
@@ -29,11 +33,12 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
@@ -42,8 +47,42 @@ import pyarrow.parquet as pq
 
 from medcurate.errors import AlreadyExists, MedcurateError, NotFound
 
-ARTEFACT_KINDS = ("collections", "embeddings", "selections", "maps", "models", "scores",
-                  "audits", "comparisons")
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# What running a command again with the key of a finished artefact does:
+# "return-existing": the artefact is returned as it is, nothing is computed (the key is a
+#   digest of what shapes it, or naming the same key means asking for the same thing);
+# "refuse-unless-overwrite": an error before any work, unless --overwrite replaces it.
+ReusePolicy = Literal["return-existing", "refuse-unless-overwrite"]
+
+
+@dataclass(frozen=True)
+class ArtefactKind:
+    """One kind of artefact: its folder, the fields of a publishing command's result that hold
+    an artefact's key, and what publishing to a key that exists does."""
+
+    kind: str
+    key_fields: tuple[str, ...]  # one per command wording; empty: no command's result names it
+    reuse: ReusePolicy
+
+
+ARTEFACTS: dict[str, ArtefactKind] = {a.kind: a for a in (
+    # ingest refuses; curate reuses an identical ingest (Workspace.reusable)
+    ArtefactKind("collections", ("collection",), "refuse-unless-overwrite"),
+    ArtefactKind("embeddings", ("run_id",), "return-existing"),  # embed resumes, then reuses
+    ArtefactKind("selections", ("selection_id",), "refuse-unless-overwrite"),
+    # a run's class maps, made inside select under a digest of the run and the map's params
+    ArtefactKind("maps", (), "return-existing"),
+    ArtefactKind("models", ("run_id", "name"), "refuse-unless-overwrite"),  # finetune, pretrain
+    ArtefactKind("scores", ("score_id",), "return-existing"),
+    ArtefactKind("audits", ("audit_id",), "refuse-unless-overwrite"),
+    ArtefactKind("comparisons", ("comparison_id",), "refuse-unless-overwrite"),
+)}
+ARTEFACT_KINDS = tuple(ARTEFACTS)
+# Config fields that do not shape an artefact: whether it may replace one, and the roots the
+# service confines reading to (not recorded in provenance).
+UNSHAPING_FIELDS = frozenset({"overwrite", "confine_to"})
 SCRATCH_KIND = "jobs"
 PROVENANCE_FILE = "provenance.json"
 VERSIONS_DIR = "versions"
@@ -68,6 +107,29 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             raise MedcurateError(f"workspace {uri}: {exc}") from None
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
+
+
+def artefact_kind(kind: str) -> ArtefactKind:
+    if kind not in ARTEFACTS:
+        raise MedcurateError(f"unknown artefact kind {kind!r}; kinds: {', '.join(ARTEFACTS)}")
+    return ARTEFACTS[kind]
+
+
+def shaping_fields(config: BaseModel) -> set[str]:
+    """The fields of a command's config that shape the artefact it publishes."""
+    return set(type(config).model_fields) - UNSHAPING_FIELDS
+
+
+def as_recorded(value):
+    """A value as provenance records it (``write_json``: JSON, ``str`` for the rest), so a
+    requested config compares equal to the recorded one (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def differing_fields(recorded: dict, wanted: dict, fields: Iterable[str]) -> list[str]:
+    """The ``fields`` whose ``wanted`` value is not the ``recorded`` one. A field the record
+    lacks (added to the config since the artefact was made) counts as None, its default."""
+    return sorted(k for k in fields if recorded.get(k) != as_recorded(wanted.get(k)))
 
 
 def validate_key(key: str) -> str:
@@ -169,9 +231,7 @@ class Workspace:
 
     # -- addressing -------------------------------------------------------------------------
     def artefact_root(self, kind: str, key: str) -> str:
-        if kind not in ARTEFACT_KINDS:
-            raise ValueError(f"unknown artefact kind {kind!r}")
-        return "/".join([self.root, kind, validate_key(key)])
+        return "/".join([self.root, artefact_kind(kind).kind, validate_key(key)])
 
     def version_folder(self, kind: str, key: str, version: str) -> str:
         if not version:  # the pre-versioning layout, read in place
@@ -211,14 +271,36 @@ class Workspace:
 
     def list(self, kind: str) -> list[str]:
         """Keys of the published artefacts of one kind, sorted."""
-        if kind not in ARTEFACT_KINDS:
-            raise ValueError(f"unknown artefact kind {kind!r}")
+        artefact_kind(kind)
         # Folders whose names are not valid keys (made by hand) are not artefacts; skipping
         # them keeps one stray folder from breaking every listing.
         keys = [info.base_name for info in self.listing("/".join([self.root, kind]))
                 if info.type == pafs.FileType.Directory
                 and _KEY_PATTERN.fullmatch(info.base_name)]
         return sorted(k for k in keys if self.exists(kind, k))
+
+    def find(self, kind: str, **where) -> list[str]:
+        """Keys of the published artefacts of one kind whose recorded config has every value
+        of ``where`` (``find("selections", strategy="kcenter", seed=0)``), sorted."""
+        return [key for key in self.list(kind)
+                if not differing_fields(self.provenance(kind, key).get("config") or {},
+                                        where, where)]
+
+    def reusable(self, kind: str, key: str, config: dict, compared: Iterable[str],
+                 fix: str = "pass --overwrite to replace it or choose another name"
+                 ) -> dict | None:
+        """The provenance of artefact ``key`` when one exists made with the same ``config`` on
+        the ``compared`` fields (those that shape it); None where there is none. One made
+        otherwise is an error naming the fields that differ and ``fix``: reusing it would
+        pass off an artefact made from other inputs as the one asked for."""
+        if not self.exists(kind, key):
+            return None
+        record = self.provenance(kind, key)
+        differ = differing_fields(record.get("config") or {}, config, compared)
+        if differ:
+            raise MedcurateError(f"{kind[:-1]} {key!r} in {self.uri} exists with other "
+                                 f"settings ({', '.join(differ)}); {fix}")
+        return record
 
     def require(self, kind: str, key: str) -> str:
         """The live version's folder, or a clear error naming what exists."""

@@ -43,8 +43,9 @@ from starlette.concurrency import run_in_threadpool
 import medcurate
 from medcurate.commands import COMMANDS
 from medcurate.config import MAX_PAGE_SIZE, ScoreConfig, SelectConfig
-from medcurate.errors import AlreadyExists, MedcurateError, NotFound
-from medcurate.workspace import ARTEFACT_KINDS, Workspace
+from medcurate.errors import (AlreadyExists, MedcurateError, NotFound, dotted_location,
+                              error_text, validation_message)
+from medcurate.workspace import ARTEFACT_KINDS, ARTEFACTS, Workspace
 from service.jobs import TERMINAL, JobsGateway, JobsUnavailable, QuotaExceeded
 from service.paths import PathPolicy, PathRefused, refuse_relative
 from service.reports import ReportDrawer
@@ -350,13 +351,15 @@ def job_detail(job_id: str, svc: ServiceDep) -> dict:
 
 
 def _artefact_of(workspace: Workspace, view: dict) -> tuple[str, str] | None:
-    """The artefact a finished job made: the first value of its result naming one of the
-    kind's artefact type (results name it under various keys: run_id, selection_id, ...)."""
+    """The artefact a finished job made: its result's key field for the kind the command
+    publishes (``ARTEFACTS``), where that names a live artefact."""
     kind = COMMANDS[view["kind"]].artefact if view["kind"] in COMMANDS else None
-    for value in (view.get("result") or {}).values() if kind else ():
+    result = view.get("result") or {}
+    for field in ARTEFACTS[kind].key_fields if kind else ():
+        key = result.get(field)
         try:
-            if isinstance(value, str) and workspace.exists(kind, value):
-                return kind, value
+            if isinstance(key, str) and workspace.exists(kind, key):
+                return kind, key
         except MedcurateError:  # not a valid key: not this artefact
             continue
     return None
@@ -418,9 +421,9 @@ def medcurate_error(request: Request, exc: MedcurateError) -> JSONResponse:
 
 
 def validation_error(request: Request, exc: RequestValidationError | ValidationError):
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, "),
-               "type": e["type"]} for e in exc.errors()]
-    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    errors = [{"loc": list(e["loc"]), "msg": error_text(e), "type": e["type"]}
+              for e in exc.errors()]
+    detail = validation_message(exc, location=dotted_location)
     return JSONResponse({"detail": detail or "invalid request", "errors": errors},
                         status_code=422)
 

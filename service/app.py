@@ -24,12 +24,12 @@ from service.api import create_api
 from service.settings import Settings
 
 
-@serve.deployment(max_ongoing_requests=128)
+@serve.deployment
 @serve.ingress()
 class MedcurateAPI:
-    """CPUs as ``runtime.stage_resources("serve_replica")`` declares them (``application``):
-    selections run in the request on its threads, one CPU's worth. 128 requests at once:
-    ``?wait=true`` waits hold no thread
+    """CPUs and requests at once as ``runtime.stage_resources("serve_replica")`` declares
+    them (``application``): selections run in the request on its threads, one CPU's worth.
+    128 requests at once: ``?wait=true`` waits hold no thread
     (at most ``service.api.MAX_WAITING`` of them), ``/v1/health`` runs on the event loop, and
     the other routes share FastAPI's thread pool (40 threads), so health always gets in."""
 
@@ -46,7 +46,7 @@ def application(settings: Settings) -> Application:
     env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                       "MKL_NUM_THREADS")}
     return MedcurateAPI.options(
-        num_replicas=settings.replicas,
+        num_replicas=settings.replicas, max_ongoing_requests=resources.concurrency,
         ray_actor_options={"num_cpus": resources.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(settings)
 

@@ -33,12 +33,12 @@ from medcurate.confine import (
     Roots,
     is_relative,
 )
+from medcurate.catalogue import MAE_PREFIX, mae_checkpoint
 from medcurate.config import absolute_location, extractor_location
 from medcurate.errors import MedcurateError
 
 __all__ = ["MAE_PREFIX", "PathPolicy", "PathRefused", "location_fields", "refuse_relative"]
 
-MAE_PREFIX = "mae:"
 CONFINE_FIELD = "confine_to"  # IngestConfig's: roots every file an archive lists must be in
 
 
@@ -162,5 +162,6 @@ def _zoo_paths(zoo: str) -> Iterator[tuple[str, str]]:
     for entry in load_zoo(zoo):
         if entry.weights:
             yield f"zoo[{entry.name}].weights", entry.weights
-        if entry.model.startswith(MAE_PREFIX):
-            yield f"zoo[{entry.name}].model", entry.model[len(MAE_PREFIX):]
+        checkpoint = mae_checkpoint(entry.model)
+        if checkpoint is not None:
+            yield f"zoo[{entry.name}].model", checkpoint

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from medcurate.config import MAX_PAGE_SIZE
-from medcurate.errors import MedcurateError
+from medcurate.errors import MedcurateError, dotted_location, validation_message
 from medcurate.workspace import DEFAULT_WORKSPACE
 
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
@@ -145,9 +145,7 @@ class Settings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise MedcurateError("; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                for e in exc.errors())) from None
+            raise MedcurateError(validation_message(exc, location=dotted_location)) from None
 
 
 def _with_file_tokens(values: Mapping[str, Any]) -> dict:

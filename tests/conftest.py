@@ -48,3 +48,27 @@ def two_node_cluster_env(seaweed_s3) -> dict[str, str]:
     """Every process of the two-node test cluster reaches the session's SeaweedFS store, as a
     real cluster's nodes reach their bucket (nodes share no disk)."""
     return seaweed_s3.env()
+
+
+ZOO = """models:
+  - {name: mobilenetv2, model: mobilenetv2-imagenet}
+  - {name: lite0, model: efficientnet-lite0-imagenet}
+"""
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, shared_data, ray_session):
+    """A workspace with the collections ``breast`` and ``pneumonia`` (the real BreastMNIST and
+    PneumoniaMNIST) and a zoo of two packaged ImageNet encoders: what the fine-tuning, audit
+    and comparison tests train on (test_finetune.py, test_audit.py, test_compare.py)."""
+    from medcurate.config import IngestConfig
+    from medcurate.ingest import ingest
+
+    root = tmp_path_factory.mktemp("finetune")
+    workspace = Workspace(str(root / "ws"))
+    for name in ("breastmnist", "pneumoniamnist"):
+        ingest(IngestConfig(source=str(shared_data / name / f"{name}.npz"),
+                            name=name.removesuffix("mnist")), workspace)
+    zoo = root / "zoo.yaml"
+    zoo.write_text(ZOO)
+    return workspace, zoo

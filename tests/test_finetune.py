@@ -1,12 +1,11 @@
-"""Fine-tuning on Ray Train, the shortcut audit and the selection comparison, on real data
-(BreastMNIST, PneumoniaMNIST) with the packaged ImageNet encoders; plus their metrics,
-folds, augmentation and bad input."""
+"""Fine-tuning on Ray Train on real data (BreastMNIST) with the packaged ImageNet encoders;
+plus the evaluation it shares with the audit and the comparison (metrics, folds, intervals,
+duplicates), augmentation and bad input. The audit is tested in test_audit.py, the selection
+comparison in test_compare.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,16 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from medcurate.config import (AuditConfig, CompareConfig, EmbedConfig, FinetuneConfig,
-                              IngestConfig, TrainingConfig)
-from medcurate.embed import embed
+from medcurate.config import FinetuneConfig
 from medcurate.errors import MedcurateError
-from medcurate.ingest import ingest, read_manifest
-from medcurate.train.audit import audit
-from medcurate.train.compare import _drop_training_duplicates, compare_selections
 from medcurate.train.evaluation import (check_metrics, classification_metrics,
                                         duplicates_of_training, fold_plan, mean_interval,
                                         paired_auc_permutation)
 from medcurate.train.finetune import (METRICS_CSV, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE,
-                                      classes_of, finetune, fit_classifier, fit_head,
-                                      frozen_features, image_table, label_targets, make_head,
-                                      preprocessing_for, random_affine, split_rows, train_head)
-from medcurate.workspace import PROVENANCE_FILE, Workspace
+                                      finetune, make_head, random_affine, train_head)
+from medcurate.workspace import PROVENANCE_FILE
 
-MEDCURATE = Path(sys.executable).with_name("medcurate")
 QUICK = {"model": "mobilenetv2-imagenet", "img_size": 64, "augment": False, "epochs": 15}
-ZOO = """models:
-  - {name: mobilenetv2, model: mobilenetv2-imagenet}
-  - {name: lite0, model: efficientnet-lite0-imagenet}
-"""
 
 
 # -- units --------------------------------------------------------------------------------------
@@ -141,50 +128,7 @@ def test_duplicates_of_training_finds_exact_and_near_copies():
     assert not exact_only["near"].any()
 
 
-def test_a_test_split_made_only_of_training_copies_is_refused():
-    seen = pa.table({"id": ["a", "b"], "sha256": ["s1", "s2"]})
-    by_id = {"a": np.ones(4, np.float32), "b": np.arange(4, dtype=np.float32)}
-    copies = pa.table({"id": ["a"], "sha256": ["s1"]})
-    with pytest.raises(MedcurateError, match="every test image repeats a training or "
-                                             "validation image"):
-        _drop_training_duplicates(copies, seen, by_id, 0.99)
-    by_id["c"] = np.array([1, -1, 1, -1], np.float32)  # unlike any training image
-    kept, dropped = _drop_training_duplicates(
-        pa.table({"id": ["a", "c"], "sha256": ["s1", "s9"]}), seen, by_id, 0.99)
-    assert kept.column("id").to_pylist() == ["c"]
-    assert dropped == {"exact": 1, "near": 0, "near_duplicate_cosine": 0.99}
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--levels", "0,1.5"], "levels must lie in [0, 1]"),
-    (["--confounder", "metadata:sex"], "needs --carrier"),
-    (["--confounder", "blur"], "unknown confounder 'blur'"),
-    (["--metrics", "auc,f1"], "unknown metric(s) f1"),
-])
-def test_audit_cli_refuses_bad_parameters_before_any_work(tmp_path, args, message):
-    base = {"--confounder": "tag", "--levels": "0,1", "--zoo": str(tmp_path / "zoo.yaml")}
-    for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = value
-    flat = [part for pair in base.items() for part in pair]
-    done = subprocess.run([str(MEDCURATE), "audit", "c", *flat, "--workspace",
-                           str(tmp_path / "ws")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and message in done.stderr
-    assert not (tmp_path / "ws").exists()
-
-
 # -- real data on Ray ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real(tmp_path_factory, shared_data, ray_session):
-    root = tmp_path_factory.mktemp("finetune")
-    workspace = Workspace(str(root / "ws"))
-    for name in ("breastmnist", "pneumoniamnist"):
-        ingest(IngestConfig(source=str(shared_data / name / f"{name}.npz"),
-                            name=name.removesuffix("mnist")), workspace)
-    zoo = root / "zoo.yaml"
-    zoo.write_text(ZOO)
-    return workspace, zoo
-
-
 def test_linear_probe_on_breastmnist_publishes_model_metrics_and_predictions(real):
     workspace, _ = real
     result = finetune(FinetuneConfig(train="breast", run_id="probe", **QUICK), workspace)
@@ -246,91 +190,3 @@ def test_bad_finetune_input_fails_before_training(real, tmp_path):
         finetune(FinetuneConfig(train="stale", **QUICK), workspace)
 
 
-def test_tag_audit_on_pneumoniamnist_shows_the_shortcut(real):
-    workspace, zoo = real
-    config = AuditConfig(collection="pneumonia", confounder="tag", levels=[0.0, 1.0],
-                         zoo=str(zoo), folds=1, img_size=64, augment=False, epochs=10,
-                         max_train=240, max_test=160, permutations=300, audit_id="tag")
-    summary = audit(config, workspace)
-    folder = Path(workspace.path("audits", "tag"))
-    for model in ("mobilenetv2", "lite0"):
-        clean, tagged = (summary["metrics"][model][p]["auc"] for p in ("0.0", "1.0"))
-        # Without the confounder both test sets are alike; with every positive tagged in
-        # training the model keys on the tag, and the o.o.d. set (tags on negatives) breaks it.
-        assert clean["ood"]["mean"] > 0.7
-        assert tagged["iid"]["mean"] > 0.9
-        assert tagged["ood"]["mean"] < clean["ood"]["mean"] - 0.2
-        assert tagged["drop"]["mean"] > clean["drop"]["mean"] + 0.2
-    test = summary["ood_auc_permutation_tests"]["1.0"]["mobilenetv2 vs lite0"]
-    assert 0 < test["p_value"] <= 1
-    lines = (folder / "results.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2 * 2 * 2  # models x levels x test sets x metrics
-    report = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in report and "Paired permutation tests" in report
-    assert json.loads((folder / PROVENANCE_FILE).read_text())["config"]["confounder"] == "tag"
-
-
-def test_frozen_feature_probe_equals_the_ray_train_probe(real, tmp_path):
-    """The audit's fast path (features once, head on them) trains what the Ray Train loop
-    trains on the same rows, confounder flags and seed."""
-    workspace, _ = real
-    manifest = read_manifest(workspace, "pneumonia")
-    training = TrainingConfig(img_size=64, augment=False, epochs=8)
-    classes, _ = classes_of(split_rows(manifest, "train"), training)
-    tables = {}
-    for name, rows in (("train", 120), ("val", 60), ("test", 60)):
-        part = split_rows(manifest, name).slice(0, rows)
-        flags = np.arange(part.num_rows) % 2 == 0  # half of every set carries the tag
-        tables[name] = image_table(part, label_targets(part, classes, name), flags)
-    prep = preprocessing_for("mobilenetv2-imagenet", None, 64)
-    ray_fit = fit_classifier("mobilenetv2-imagenet", None, training, 2, tables["train"],
-                             tables["val"], {"test": tables["test"]}, prep=prep,
-                             storage=Workspace(str(tmp_path)).scratch("probe"), name="ray",
-                             confounder="tag", seed=3)
-    x = {name: frozen_features("mobilenetv2-imagenet", None, prep, table, "tag", 3)
-         for name, table in tables.items()}
-    y = {name: table.column("target").to_numpy() for name, table in tables.items()}
-    fast = fit_head({k: (x[k], y[k]) for k in ("train", "val")}, 2, training, 3,
-                    {"test": x["test"]})
-    assert len(fast.history) == len(ray_fit.history)
-    np.testing.assert_allclose(fast.predictions["test"], ray_fit.predictions["test"], atol=1e-4)
-    untagged = frozen_features("mobilenetv2-imagenet", None, prep, tables["test"], None, 3)
-    assert not np.allclose(untagged[::2], x["test"][::2])  # the tag reached the features
-    np.testing.assert_allclose(untagged[1::2], x["test"][1::2], atol=1e-5)
-
-
-def test_compare_selections_trains_each_strategy_and_the_ceiling(real, shared_data, tmp_path):
-    """On BreastMNIST whose test split also holds 12 byte-copies of training images: the
-    comparison drops them before scoring and says so."""
-    workspace, _ = real
-    with np.load(shared_data / "breastmnist" / "breastmnist.npz") as source:
-        arrays = dict(source)
-    arrays["test_images"] = np.concatenate([arrays["test_images"], arrays["train_images"][:12]])
-    arrays["test_labels"] = np.concatenate([arrays["test_labels"], arrays["train_labels"][:12]])
-    np.savez(tmp_path / "breast-dup.npz", **arrays)
-    ingest(IngestConfig(source=str(tmp_path / "breast-dup.npz"), name="breast-dup"), workspace)
-    run = embed(EmbedConfig(collection="breast-dup", model="mobilenetv2-imagenet"), workspace)
-    config = CompareConfig(embedding_run=run["run_id"], strategies=["random", "stratified"],
-                           budgets=[5, 20], seeds=[0, 1], augment=False, comparison_id="cmp")
-    summary = compare_selections(config, workspace)
-    assert summary["trained_on"] == "stored embeddings"
-    seen = {image.tobytes() for split in ("train", "val") for image in arrays[f"{split}_images"]}
-    copies_already = sum(image.tobytes() in seen for image in arrays["test_images"][:156])
-    dropped = summary["test_dropped"]
-    assert dropped["exact"] == 12 + copies_already and dropped["near_duplicate_cosine"] == 0.99
-    assert summary["test_images"] == 156 - copies_already - dropped["near"]
-    for strategy in ("random", "stratified"):
-        for budget in ("5", "20"):
-            entry = summary["metrics"][strategy][budget]["auc"]
-            assert entry["n"] == 2 and entry["low"] <= entry["mean"] <= entry["high"]
-    assert summary["ceiling"]["auc"]["mean"] > 0.8
-    selections = [k for k in workspace.list("selections") if k.startswith("cmp-")]
-    assert len(selections) == 2 * 2 * 2
-    for key in selections:  # selected from the train split only, budget per class kept
-        table = pq.read_table(Path(workspace.path("selections", key)) / "selection.parquet")
-        assert set(table["split"].to_pylist()) == {"train"}
-    # Same parameters under another name: the same selections and numbers, exactly.
-    again = compare_selections(config.model_copy(update={"comparison_id": "cmp2"}), workspace)
-    assert again["metrics"] == summary["metrics"]
-    assert "data:image/png;base64," in (Path(workspace.path("comparisons", "cmp"))
-                                        / "report.html").read_text()

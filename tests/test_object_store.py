@@ -152,7 +152,7 @@ def test_the_http_service_serves_a_workspace_on_the_store(s3_server, bucket, tmp
     import requests
 
     from medcurate.synthetic import write_embedding_run
-    from service.process import ServiceProcess
+    from service_process import ServiceProcess
 
     uri = f"s3://{bucket}/ws"
     rng = np.random.default_rng(0)

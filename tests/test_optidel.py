@@ -1,4 +1,4 @@
-"""OptiDEL pretraining-data selection: patches, margins, diversity, synthesis, the select and
+"""OptiDEL pretraining-data selection: patches, margins, diversity, synthesis, the optidel and
 pretrain commands on real BreastMNIST, and the perceptron theory behind keeping hard samples."""
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from PIL import Image
 from pydantic import ValidationError
 
 from medcurate import backends
-from medcurate.config import EmbedConfig, IngestConfig, PretrainConfig, SelectConfig
+from medcurate.config import (EmbedConfig, IngestConfig, OptidelConfig, PretrainConfig,
+                              SelectConfig)
 from medcurate.embed import embed, load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest, read_manifest
 from medcurate.ingest.decode import load_rows
-from medcurate.select import select
-from medcurate.select.optidel import prototype_margins
+from medcurate.select.optidel import optidel, prototype_margins
 from medcurate.select.patches import GridExtractor, make_extractor
+from medcurate.select.pool import run_optidel
 from medcurate.select.run import run_selection
-from medcurate.select.theory import perceptron_pruning_error
+from pruning_theory import perceptron_pruning_error
 from medcurate.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,21 +91,23 @@ def test_margin_is_the_distance_to_the_prototype_boundary_and_smallest_go_first(
     assert np.allclose(margin, to_plane, atol=1e-3)
     assert set(np.argsort(margin)[:10]) == set(planted)
 
-    result = select("optidel", X, np.zeros(len(X)), None, fraction=10 / len(X),
-                    hard_share=10 / len(X), synth_share=0.0, n_clusters=2)
+    result = optidel(X, np.zeros(len(X)), None, fraction=10 / len(X),
+                     hard_share=10 / len(X), synth_share=0.0, n_clusters=2)
     assert sorted(result.indices) == sorted(planted) and result.synthesis is None
     assert all(reason.startswith("margin ") for reason in result.reason)
 
 
-def test_config_and_library_agree_on_the_pool_strategies():
-    """The config lists them without importing the strategies (the CLI starts light)."""
+def test_the_catalogues_pool_strategies_are_commands_not_select_strategies():
+    """The catalogue lists them without importing the strategies (the CLI starts light)."""
     import typing
 
-    from medcurate import config
-    from medcurate.select import POOL_STRATEGIES
+    from medcurate import catalogue, config
+    from medcurate.commands import COMMANDS
+    from medcurate.select import STRATEGIES
 
-    assert set(config.POOL_STRATEGIES) == set(POOL_STRATEGIES)
-    assert set(POOL_STRATEGIES) <= set(typing.get_args(config.Strategy))
+    assert set(catalogue.POOL_STRATEGIES) <= set(COMMANDS)
+    assert not set(catalogue.POOL_STRATEGIES) & (set(STRATEGIES)
+                                                 | set(typing.get_args(config.Strategy)))
 
 
 def test_optidel_refuses_bad_input():
@@ -116,23 +119,25 @@ def test_optidel_refuses_bad_input():
                             ({"fraction": 0.1, "n_clusters": 1}, "n_clusters"),
                             ({"fraction": 0.1, "extractor": "sam"}, "checkpoint")]:
         with pytest.raises(MedcurateError, match=message):
-            select("optidel", X, labels, None, **params)
+            optidel(X, labels, None, **params)
     with pytest.raises(MedcurateError, match="not a budget per class"):
-        select("optidel", X, labels, 5, fraction=0.1)
+        optidel(X, labels, 5, fraction=0.1)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"strategy": "optidel"}, "--fraction"),
-    ({"strategy": "optidel", "fraction": 0.0}, "fraction"),
-    ({"strategy": "optidel", "fraction": 1.01}, "fraction"),
-    ({"strategy": "optidel", "fraction": 0.05, "budget_per_class": 5}, "no --budget-per-class"),
-    ({"strategy": "optidel", "fraction": 0.05, "stratify_by": "site"}, "--stratify-by"),
-    ({"strategy": "kcenter"}, "needs --budget-per-class"),
-    ({"strategy": "kcenter", "budget_per_class": 5, "fraction": 0.05}, "--fraction is for"),
+@pytest.mark.parametrize("config_cls, params, message", [
+    (OptidelConfig, {}, "--fraction"),
+    (OptidelConfig, {"fraction": 0.0}, "fraction"),
+    (OptidelConfig, {"fraction": 1.01}, "fraction"),
+    (OptidelConfig, {"fraction": 0.05, "budget_per_class": 5}, "no --budget-per-class"),
+    (OptidelConfig, {"fraction": 0.05, "stratify_by": "site"}, "--stratify-by"),
+    (SelectConfig, {"strategy": "kcenter"}, "needs --budget-per-class"),
+    (SelectConfig, {"strategy": "kcenter", "budget_per_class": 5, "fraction": 0.05},
+     "--fraction is for"),
 ])
-def test_select_config_wants_fraction_for_optidel_and_a_budget_otherwise(params, message):
+def test_select_config_wants_fraction_for_optidel_and_a_budget_otherwise(config_cls, params,
+                                                                         message):
     with pytest.raises(ValidationError, match=message):
-        SelectConfig(embedding_run="run", **params)
+        config_cls(embedding_run="run", **params)
 
 
 # -- the commands on real BreastMNIST ----------------------------------------------------------
@@ -151,9 +156,8 @@ def breast(tmp_path_factory, shared_data, ray_session):
     workspace = Workspace(str(root / "ws"))
     ingest(IngestConfig(source=str(root / "breast"), name="breast", unlabeled=True), workspace)
     run = embed(EmbedConfig(collection="breast", model="mobilenetv2-imagenet"), workspace)
-    summary = run_selection(SelectConfig(embedding_run=run["run_id"], strategy="optidel",
-                                         fraction=FRACTION, splits=["train"], patch_size=7),
-                            workspace)
+    summary = run_optidel(OptidelConfig(embedding_run=run["run_id"], fraction=FRACTION,
+                                        splits=["train"], patch_size=7), workspace)
     return workspace, run["run_id"], summary
 
 
@@ -226,21 +230,19 @@ def test_cli_selects_with_optidel_and_refuses_bad_input(breast):
     workspace, run_id, _ = breast
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "medcurate", "select", run_id, *args,
+        return subprocess.run([sys.executable, "-m", "medcurate", "optidel", run_id, *args,
                                "--workspace", workspace.uri], capture_output=True, text=True,
                               cwd=REPO, timeout=300)
 
-    done = cli("--strategy", "optidel", "--fraction", "0.05", "--synth-share", "0",
-               "--selection-id", "cli-optidel")
+    done = cli("--fraction", "0.05", "--synth-share", "0", "--selection-id", "cli-optidel")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["selected"] == summary["pretraining_images"] == round(0.05 * 546)
     assert "synthetic_collection" not in summary
-    for args, message in [(["--strategy", "optidel"], "--fraction"),
-                          (["--strategy", "optidel", "--fraction", "0"], "--fraction"),
-                          (["--strategy", "optidel", "--fraction", "2"], "--fraction"),
-                          (["--strategy", "optidel", "--fraction", "0.05", "--extractor", "sam"],
-                           "needs a checkpoint")]:
+    for args, message in [([], "--fraction"),
+                          (["--fraction", "0"], "--fraction"),
+                          (["--fraction", "2"], "--fraction"),
+                          (["--fraction", "0.05", "--extractor", "sam"], "needs a checkpoint")]:
         bad = cli(*args)
         assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr
         assert message in bad.stderr and "Traceback" not in bad.stderr

@@ -35,7 +35,7 @@ from medcurate.errors import MedcurateError
 from medcurate.synthetic import write_embedding_run
 from medcurate.workspace import Workspace
 from service.jobs import DEFAULT_JOB_CPUS, JobsGateway, QuotaExceeded
-from service.process import MEDCURATE, ServiceProcess
+from service_process import MEDCURATE, ServiceProcess
 from service.settings import Settings, read_tokens
 
 TOKEN = secrets.token_hex(16)
@@ -103,8 +103,9 @@ OVERSIZED = [
     ("/v1/select", {**SELECT, "pca_dims": 10 ** 6}, "less than or equal to 2048"),
     ("/v1/select", {**SELECT, "stratify_by": [f"c{i}" for i in range(33)]}, "at most 32 items"),
     ("/v1/select", {**SELECT, "splits": ",".join(["train"] * 33)}, "at most 32 items"),
-    ("/v1/select", {"embedding_run": "small--synthetic", "strategy": "optidel",
-                    "fraction": 0.1, "n_clusters": 10 ** 6}, "less than or equal to 256"),
+    ("/v1/jobs", {"kind": "optidel", "params": {"embedding_run": "small--synthetic",
+                                                "fraction": 0.1, "n_clusters": 10 ** 6}},
+     "less than or equal to 256"),
     ("/v1/select", {**SELECT, "page_size": 10 ** 6}, "less than or equal to 10000"),
     ("/v1/jobs", {"kind": "compare-selections", "params": {
         "embedding_run": "small--synthetic", "budgets": list(range(1, 40))}}, "at most 32 items"),

@@ -30,8 +30,8 @@ import requests
 from PIL import Image
 
 from medcurate.confine import OUTSIDE, parse_uri
-from medcurate.config import (CurateConfig, EmbedConfig, IngestConfig, ScoreConfig,
-                              SelectConfig)
+from medcurate.config import (CurateConfig, EmbedConfig, IngestConfig, OptidelConfig,
+                              ScoreConfig)
 from medcurate.errors import MedcurateError
 from medcurate.ingest import REJECTS_FILE, decode
 from medcurate.ingest import dicom as mdicom
@@ -40,7 +40,7 @@ from medcurate.ingest.sources import list_source
 from medcurate.workspace import Workspace
 from service.jobs import job_params
 from service.paths import PathPolicy, PathRefused, refuse_relative
-from service.process import MEDCURATE, ServiceProcess
+from service_process import MEDCURATE, ServiceProcess
 
 TOKEN = secrets.token_hex(16)
 GIB = 1 << 30
@@ -151,9 +151,9 @@ def test_local_paths_resolve_and_file_uris_must_be_absolute(tree):
     (IngestConfig, {"source": "file://relative/x", "name": "x"}),
     (IngestConfig, {"source": "file:relative/x", "name": "x"}),
     (IngestConfig, {"source": "/abs", "metadata": "meta.csv", "name": "x"}),
-    (SelectConfig, {"embedding_run": "r", "extractor": "sam:sam_vit_b.pth"}),
-    (SelectConfig, {"embedding_run": "r", "extractor": "sam:~nobody/sam_vit_b.pth"}),
-    (SelectConfig, {"embedding_run": "r", "extractor": "sam:file://relative/sam_vit_b.pth"}),
+    (OptidelConfig, {"embedding_run": "r", "extractor": "sam:sam_vit_b.pth"}),
+    (OptidelConfig, {"embedding_run": "r", "extractor": "sam:~nobody/sam_vit_b.pth"}),
+    (OptidelConfig, {"embedding_run": "r", "extractor": "sam:file://relative/sam_vit_b.pth"}),
     (EmbedConfig, {"collection": "c", "model": "mae:models/x/model.pt"}),
     (CurateConfig, {"model": "mae:file://host/model.pt"}),
 ])
@@ -163,16 +163,15 @@ def test_relative_paths_are_refused_before_validation(config_cls, params):
 
 
 def test_absolute_paths_and_uris_pass_the_relative_check():
-    refuse_relative(SelectConfig, {"embedding_run": "r", "extractor": "grid"})
-    refuse_relative(SelectConfig, {"embedding_run": "r", "extractor": "sam:/abs/sam_vit_b.pth"})
+    refuse_relative(OptidelConfig, {"embedding_run": "r", "extractor": "grid"})
+    refuse_relative(OptidelConfig, {"embedding_run": "r", "extractor": "sam:/abs/sam_vit_b.pth"})
     refuse_relative(EmbedConfig, {"collection": "c", "model": "mae:s3://bucket/ws/m.pt"})
     refuse_relative(IngestConfig, {"source": "s3://bucket/x", "name": "x"})
 
 
 # -- every path-like field through one function, the resolved path in the config ------------------
-def _optidel(extractor: str) -> SelectConfig:
-    return SelectConfig(embedding_run="r", strategy="optidel", fraction=0.1,
-                        extractor=extractor)
+def _optidel(extractor: str) -> OptidelConfig:
+    return OptidelConfig(embedding_run="r", fraction=0.1, extractor=extractor)
 
 
 def test_sam_extractor_is_confined_and_carries_the_resolved_path(tree):
@@ -584,16 +583,14 @@ def test_http_sam_extractor_is_no_file_exists_oracle(live):
     for path in ("/etc/passwd", "/nonexistent-dir-xyz/sam_vit_b.pth",
                  str(live.outside / "sam_vit_b_secret.pth"), str(live.data / "sam_vit_b_out.pth"),
                  f"{live.data}/../outside/sam_vit_b_secret.pth"):
-        response = live.call("POST", "/v1/select", json={
-            "embedding_run": "r", "strategy": "optidel", "fraction": 0.1,
-            "extractor": f"sam:{path}"})
+        response = live.call("POST", "/v1/jobs", json={"kind": "optidel", "params": {
+            "embedding_run": "r", "fraction": 0.1, "extractor": f"sam:{path}"}})
         answers.append((response.status_code, response.text))
     assert len(set(answers)) == 1, answers  # byte for byte the same answer
     status, text = answers[0]
     assert status == 403 and str(live.data) not in text and str(live.workspace) not in text
-    relative = live.call("POST", "/v1/select", json={
-        "embedding_run": "r", "strategy": "optidel", "fraction": 0.1,
-        "extractor": "sam:sam_vit_b.pth"})
+    relative = live.call("POST", "/v1/jobs", json={"kind": "optidel", "params": {
+        "embedding_run": "r", "fraction": 0.1, "extractor": "sam:sam_vit_b.pth"}})
     assert relative.status_code == 422 and "relative path" in relative.text
 
 

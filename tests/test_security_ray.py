@@ -1,6 +1,6 @@
 """The local Ray head of ``medcurate serve`` refuses every caller without its token.
 
-One ``medcurate serve`` (``service.process.ServiceProcess``) with the secure default, started
+One ``medcurate serve`` (``tests/service_process.py``) with the secure default, started
 with ``RAY_AUTH_MODE=disabled`` and a stray ``RAY_AUTH_TOKEN`` in its environment (as ``make``
 exports the first): both must be ignored. Every TCP socket that its process tree (the service,
 its ``ray start`` head in a session of its own, the GCS, raylet, dashboard, agents, Serve's
@@ -35,7 +35,7 @@ import requests
 from medcurate.synthetic import write_embedding_run
 from medcurate.workspace import Workspace
 from service.local_ray import INSECURE_WARNING
-from service.process import MEDCURATE, ServiceProcess
+from service_process import MEDCURATE, ServiceProcess
 
 API_TOKEN = "f" * 8 + os.urandom(12).hex()
 STRAY_TOKEN = os.urandom(32).hex()  # a RAY_AUTH_TOKEN the service inherits and must not use

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from medcurate.config import EmbedConfig, IngestConfig, SelectConfig
 from medcurate.demo import make_demo_archive
@@ -138,7 +139,7 @@ def test_bad_selection_requests_fail_clearly(ham_run):
     with pytest.raises(MedcurateError, match="no column"):
         run_selection(SelectConfig(embedding_run=run_id, budget_per_class=5,
                                    stratify_by=["scanner"]), workspace)
-    with pytest.raises(MedcurateError, match="takes no --within"):
+    with pytest.raises(ValidationError, match="takes no --within"):  # refused by the config
         run_selection(SelectConfig(embedding_run=run_id, budget_per_class=5, strategy="random",
                                    within="nearest"), workspace)
     with pytest.raises(MedcurateError, match="no embedding named"):
@@ -315,6 +316,31 @@ def test_inputs_cache_reads_a_run_once_and_never_serves_a_replaced_one(tmp_path)
     assert cache.get(workspace, run_id, ["train"]) is not fresh  # another key: other splits
     tiny = InputsCache(max_bytes=1)
     assert tiny.get(workspace, run_id, []) is not tiny.get(workspace, run_id, [])
+
+
+def test_load_compute_publish_are_the_run_in_steps_and_compute_writes_nothing(tmp_path):
+    """``run_selection`` is ``load`` → ``compute`` → ``publish``: ``compute`` leaves no
+    selection behind, and publishing it gives the files ``run_selection`` writes."""
+    from medcurate.provenance import utc_now
+    from medcurate.select.run import compute, load, publish
+    from medcurate.synthetic import write_embedding_run
+    from medcurate.workspace import Workspace
+
+    workspace = Workspace(str(tmp_path / "ws"))
+    labels = ["a"] * 40 + ["b"] * 40
+    run_id = write_embedding_run(workspace, "steps",
+                                 np.random.default_rng(1).normal(size=(80, 8)), labels)
+    config = SelectConfig(embedding_run=run_id, budget_per_class=6, strategy="herding",
+                          selection_id="steps")
+    data = load(config, workspace)
+    selection = compute(config, data, "steps")
+    assert selection.table.num_rows == 12 and selection.summary["selected"] == 12
+    assert workspace.list("selections") == []
+    publish(workspace, config, data, selection, started=utc_now(), report=False)
+    direct = run_selection(config.model_copy(update={"selection_id": "direct"}), workspace)
+    assert direct["selected"] == 12
+    assert (pq.read_table(workspace.path("selections", "steps", "selection.parquet"))
+            .equals(pq.read_table(workspace.path("selections", "direct", "selection.parquet"))))
 
 
 def test_a_report_drawn_after_the_selection_is_added_as_a_new_version(demo_run):

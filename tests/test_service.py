@@ -35,7 +35,7 @@ from medcurate.errors import AlreadyExists, MedcurateError
 from medcurate.synthetic import write_embedding_run
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 from service.paths import PathPolicy, PathRefused, location_fields
-from service.process import MEDCURATE, ServiceProcess
+from service_process import MEDCURATE, ServiceProcess
 from service.settings import Settings
 
 TOKEN = secrets.token_hex(16)

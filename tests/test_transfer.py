@@ -16,7 +16,8 @@ from medcurate.transfer import metrics as m
 from medcurate.transfer.evaluate import (PAPER, evaluate_published, metric_agreement,
                                          rank_metrics, read_rank_table)
 from medcurate.transfer.paper import fu_score, lp_score, paper_score, triplet_margin_loss
-from medcurate.transfer.score import METRICS, parse_metrics, probe_indices
+from medcurate.transfer.probe import probe_indices
+from medcurate.transfer.registry import METRICS, parse_metrics
 from medcurate.transfer.zoo import load_zoo, source_classifier
 
 torch.set_num_threads(2)

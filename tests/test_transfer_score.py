@@ -19,8 +19,8 @@ from medcurate.config import IngestConfig, ScoreConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import ingest
 from medcurate.models.mae import build_mae, save_checkpoint
-from medcurate.transfer.score import (AGREEMENT_CSV, NO_SOURCE, SCORES_CSV, SCORES_JSON,
-                                      format_table, score)
+from medcurate.transfer.score import AGREEMENT_CSV, SCORES_CSV, SCORES_JSON, format_table, score
+from medcurate.transfer.tasks import NO_SOURCE
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 MEDCURATE = Path(sys.executable).with_name("medcurate")
@@ -265,7 +265,8 @@ def test_provenance_is_followed_through_samples_and_a_model_start_in_the_given_w
     from medcurate.ingest import MANIFEST_FILE, read_manifest
     from medcurate.models import source_collections
     from medcurate.train.finetune import finetune
-    from medcurate.transfer.score import ensure_subset, probe_indices, self_sources
+    from medcurate.transfer.probe import ensure_subset, probe_indices
+    from medcurate.transfer.score import self_sources
     from medcurate.transfer.zoo import load_zoo
 
     workspace, _, _ = tuned

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from medcurate.errors import AlreadyExists, MedcurateError, NotFound
-from medcurate.workspace import (COMMITS_DIR, PROVENANCE_FILE, VERSIONS_DIR, Workspace,
-                                 validate_key)
+from medcurate.workspace import (ARTEFACT_KINDS, ARTEFACTS, COMMITS_DIR, PROVENANCE_FILE,
+                                 VERSIONS_DIR, Workspace, shaping_fields, validate_key)
 
 STORES = ["local", "moto", "seaweedfs"]
 
@@ -310,3 +310,131 @@ def test_list_shows_only_published_artefacts_and_ignores_stray_folders(tmp_path)
     assert ws.list("selections") == []
     with pytest.raises(NotFound, match=r"known: done"):
         ws.require("collections", "half")
+
+
+# -- artefact kinds: keys, reuse, lookup by config --------------------------------------------
+def _selections(ws: Workspace) -> str:
+    """A synthetic embedding run and three real selections of it (``<strategy>-s<seed>``);
+    returns the run's id."""
+    import numpy as np
+
+    from medcurate.config import SelectConfig
+    from medcurate.select.run import run_selection
+    from medcurate.synthetic import write_embedding_run
+
+    run = write_embedding_run(ws, "syn", np.random.default_rng(0).normal(size=(40, 4)),
+                              ["a", "b"] * 20)
+    for strategy, seed in (("random", 0), ("random", 1), ("kcenter", 0)):
+        run_selection(SelectConfig(embedding_run=run, budget_per_class=3, strategy=strategy,
+                                   seed=seed, selection_id=f"{strategy}-s{seed}"), ws)
+    return run
+
+
+def test_find_returns_the_artefacts_made_with_the_given_settings(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _selections(ws)
+    (Path(ws.root) / "selections" / "crashed" / VERSIONS_DIR / "v").mkdir(parents=True)
+    assert ws.find("selections", strategy="random") == ["random-s0", "random-s1"]
+    assert ws.find("selections", strategy="random", seed=1) == ["random-s1"]
+    assert ws.find("selections", embedding_run=run, budget_per_class=3) == [
+        "kcenter-s0", "random-s0", "random-s1"]
+    assert ws.find("selections", splits=()) == ws.find("selections")  # as recorded: []
+    assert ws.find("selections", strategy="random", seed=2) == []  # one field differs
+    assert ws.find("selections", strategy="stratified") == []
+    assert ws.find("embeddings", collection="syn") == [run]
+    assert ws.find("audits") == []
+    with pytest.raises(MedcurateError, match="unknown artefact kind 'selection'"):
+        ws.find("selection", seed=0)
+
+
+def test_reusable_returns_an_identical_artefact_and_names_the_settings_that_differ(tmp_path):
+    from medcurate.config import SelectConfig
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _selections(ws)
+    config = SelectConfig(embedding_run=run, budget_per_class=3, strategy="random", seed=1,
+                          selection_id="random-s1")
+    fields = shaping_fields(config)
+    assert "overwrite" not in fields and "strategy" in fields
+    assert ws.reusable("selections", "absent", config.model_dump(), fields) is None
+    record = ws.reusable("selections", "random-s1", config.model_dump(), fields)
+    assert record["key"] == "random-s1" and record["config"]["seed"] == 1
+    replacing = config.model_copy(update={"overwrite": True})
+    assert ws.reusable("selections", "random-s1", replacing.model_dump(), fields) is not None
+    other = config.model_copy(update={"seed": 0, "budget_per_class": 4})
+    with pytest.raises(MedcurateError, match=r"selection 'random-s1' in .* exists with other "
+                       r"settings \(budget_per_class, seed\); pass --name NEW or --overwrite"):
+        ws.reusable("selections", "random-s1", other.model_dump(), fields,
+                    "pass --name NEW or --overwrite")
+    # A field added to the config after the artefact was made counts as None, its default.
+    newer = {**config.model_dump(), "added_later": None}
+    assert ws.reusable("selections", "random-s1", newer, fields | {"added_later"}) is not None
+    with pytest.raises(MedcurateError, match=r"\(added_later\)"):
+        ws.reusable("selections", "random-s1", {**newer, "added_later": 2},
+                    fields | {"added_later"})
+
+
+def test_every_command_publishes_to_a_declared_kind_under_a_field_it_names():
+    """The table covers each kind a command publishes to, and the key field is one the
+    command's config sets (its result echoes it) or, where the config calls it otherwise,
+    the result field named here."""
+    from medcurate.commands import COMMANDS
+
+    result_only = {"ingest": "collection",  # config: name; its summary: "collection"
+                   "curate": None}  # its result nests the selection's under "selection"
+    for kind, command in COMMANDS.items():
+        if command.artefact is None:
+            continue
+        declared = ARTEFACTS[command.artefact]
+        if kind in result_only:
+            assert result_only[kind] in (*declared.key_fields, None), kind
+        else:
+            assert set(declared.key_fields) & set(command.config.model_fields), kind
+    assert ARTEFACT_KINDS == tuple(ARTEFACTS)
+    assert {a.reuse for a in ARTEFACTS.values()} == {"return-existing",
+                                                     "refuse-unless-overwrite"}
+
+
+def test_a_jobs_artefact_is_read_from_its_commands_key_field(tmp_path):
+    """The job view links what the result's key field names, and only a live artefact."""
+    from service.api import _artefact_of
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _selections(ws)
+    assert _artefact_of(ws, {"kind": "embed", "result": {"run_id": run}}) == ("embeddings", run)
+    assert _artefact_of(ws, {"kind": "select", "result": {
+        "selection_id": "random-s0", "embedding_run": run}}) == ("selections", "random-s0")
+    # Another field naming an artefact of the kind is not the one the job made.
+    assert _artefact_of(ws, {"kind": "select", "result": {"other": "random-s0"}}) is None
+    assert _artefact_of(ws, {"kind": "select", "result": {"selection_id": "gone"}}) is None
+    assert _artefact_of(ws, {"kind": "select", "result": {"selection_id": "../x"}}) is None
+    assert _artefact_of(ws, {"kind": "select", "status": "FAILED"}) is None
+    assert _artefact_of(ws, {"kind": "unknown", "result": {"run_id": run}}) is None
+
+
+def test_a_comparison_reuses_a_selection_only_where_it_was_made_with_the_same_settings(
+        tmp_path):
+    from medcurate.config import CompareConfig, SelectConfig
+    from medcurate.select.run import run_selection
+    from medcurate.train.compare import _selection
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _selections(ws)
+    config = CompareConfig(embedding_run=run, strategies=["random"], budgets=[3], seeds=[0])
+
+    def select(comparison: CompareConfig) -> str:
+        return _selection(comparison, ws, "random", 3, 0, "cmp", None)
+
+    key = select(config)
+    made = ws.head("selections", key)
+    assert select(config) == key and ws.head("selections", key) == made  # reused
+    select(config.model_copy(update={"overwrite": True}))
+    remade = ws.head("selections", key)
+    assert remade != made
+    select(config)  # --overwrite does not shape a selection: the remade one is reused
+    assert ws.head("selections", key) == remade
+    run_selection(SelectConfig(embedding_run=run, budget_per_class=4, strategy="random",
+                               splits=["train"], selection_id=key, overwrite=True), ws)
+    with pytest.raises(MedcurateError, match=r"\(budget_per_class\); pass --overwrite or "
+                       "--comparison-id NEW"):
+        select(config)

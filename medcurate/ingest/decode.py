@@ -22,14 +22,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from medcurate.ingest import dicom
+from medcurate.models.preprocess import Preprocessing, normalise, unit_batch
 from medcurate.provenance import sha256_bytes
 from medcurate.workspace import resolve_filesystem
 
+# The manifest columns decoding reads: where the image is, and (DICOM only) its window.
+WINDOW_COLUMNS = ("window_center", "window_width")
+IMAGE_COLUMNS = ("uri", "member", *WINDOW_COLUMNS)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Size bombs: what one image or container may hold, checked against what its headers declare
@@ -385,3 +390,26 @@ def load_rows(rows: dict) -> list[np.ndarray]:
     widths = [None] * len(uris) if widths is None else list(widths)
     return [load_image(uri, member, _window(c), _window(w))
             for uri, member, c, w in zip(uris, rows["member"], centres, widths)]
+
+
+def decode_preprocess(rows: dict, prep: Preprocessing, *, normalised: bool = True) -> np.ndarray:
+    """Manifest rows (``IMAGE_COLUMNS``) decoded and preprocessed for a network, in order:
+    the one image path of embedding, training, pretraining and scoring, so a model sees an
+    image the same way in each. ``normalised=False`` stops at [0, 1] pixels (``unit_batch``),
+    for a step that must come before normalisation (a confounder); ``normalise`` finishes."""
+    pixels = unit_batch(load_rows(rows), prep)
+    return normalise(pixels, prep) if normalised else pixels
+
+
+def image_columns(table: pa.Table) -> list[str]:
+    """The ``IMAGE_COLUMNS`` that ``table`` has (the window only where the images are DICOM)."""
+    return [c for c in IMAGE_COLUMNS if c in table.column_names]
+
+
+def with_image_columns(table: pa.Table) -> pa.Table:
+    """``table``'s ``IMAGE_COLUMNS``, the window as nulls where it has none, so tables of
+    DICOM and other images concatenate."""
+    for column in WINDOW_COLUMNS:
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.float64()))
+    return table.select(list(IMAGE_COLUMNS))

@@ -89,18 +89,28 @@ def _resize(plane: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_batch(images: list[np.ndarray], prep: Preprocessing) -> np.ndarray:
-    """A float32 batch ``[B, in_chans, S, S]``, normalised with the model's mean and std.
+    """A float32 batch ``[B, in_chans, S, S]``, normalised with the model's mean and std."""
+    return normalise(unit_batch(images, prep), prep)
+
+
+def unit_batch(images: list[np.ndarray], prep: Preprocessing) -> np.ndarray:
+    """A float32 batch ``[B, in_chans, S, S]`` of pixels in [0, 1], not yet normalised: what
+    a confounder is drawn on, and what pretraining measures its normalisation on.
 
     The whole image is resized to S x S without cropping: a centre crop would cut away borders
     where findings (and burnt-in markers, which curation must see) often sit.
     """
     size = prep.input_size
     batch = np.empty((len(images), prep.in_chans, size, size), dtype=np.float32)
-    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
     for i, image in enumerate(images):
         planes = [_resize(p, size) for p in _channels(to_unit_float(np.asarray(image)), prep.in_chans)]
         batch[i] = np.stack(planes * (prep.in_chans // len(planes)))
-    batch -= mean
-    batch /= std
+    return batch
+
+
+def normalise(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """``batch`` (from ``unit_batch``) with the model's mean subtracted and divided by its
+    std, per channel, in place; returns it."""
+    batch -= np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    batch /= np.asarray(prep.std, dtype=np.float32)[:, None, None]
     return batch

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from medcurate.catalogue import MODEL_PREFIX, mae_checkpoint, split_encoder_spec
 from medcurate.errors import MedcurateError
 from medcurate.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -363,7 +364,6 @@ def _mae(spec: str, checkpoint: str) -> Encoder:
 
 
 # -- models of the workspace ----------------------------------------------------------------------
-MODEL_PREFIX = "model:"
 _COLLECTION_ROLES = ("collection", "synthetic_collection")
 
 
@@ -400,7 +400,7 @@ def _finetuned(spec: str, workspace: Workspace | str | None) -> Encoder:
     """The backbone of a fine-tuned classifier (``Classifier`` of the finetune command, rebuilt
     and loaded strictly, then its head dropped), normalising inputs as its training did."""
     from medcurate.models.mae import CHECKPOINT_FORMAT
-    from medcurate.train.finetune import MODEL_FILE, Classifier
+    from medcurate.models.classifier import MODEL_FILE, Classifier
 
     ws, run = _workspace_model(spec, workspace)
     path = ws.path("models", run, MODEL_FILE)
@@ -484,8 +484,9 @@ def source_collections(spec: str, workspace: Workspace | str | None = None) -> l
     if spec.startswith(MODEL_PREFIX):
         ws, run = _workspace_model(spec, workspace)
         return sorted(_recorded_sources(ws.provenance("models", run), ws))
-    if spec.startswith("mae:"):
-        return sorted(_recorded_sources(_sidecar_provenance(spec[len("mae:"):]), workspace))
+    checkpoint = mae_checkpoint(spec)
+    if checkpoint is not None:
+        return sorted(_recorded_sources(_sidecar_provenance(checkpoint), workspace))
     return []
 
 
@@ -495,7 +496,7 @@ def workspace_weights_sha256(spec: str, workspace: Workspace | str | None = None
     embeddings and scores include it rather than trusting the spec's text."""
     if not spec.startswith(MODEL_PREFIX):
         return None
-    from medcurate.train.finetune import MODEL_FILE
+    from medcurate.models.classifier import MODEL_FILE
 
     ws, run = _workspace_model(spec, workspace)
     return ws.provenance("models", run)["outputs"][MODEL_FILE]["sha256"]
@@ -520,11 +521,8 @@ def create_encoder(spec: str, weights: str | None = None,
     """
     if spec in _REGISTRY:
         return _named(spec, _REGISTRY[spec], weights)
-    if spec.startswith(("mae:", MODEL_PREFIX)):
-        kind, _, rest = spec.partition(":")
-    else:
-        kind, _, rest = spec.partition("/")
-    if kind not in ("timm", "random", "mae", "model") or not rest:
+    kind, rest = split_encoder_spec(spec)
+    if kind is None or not rest:
         raise _unknown(spec)
     if kind == "timm":
         return _timm(spec, rest, weights)

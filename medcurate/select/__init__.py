@@ -2,8 +2,8 @@
 
 ``select(strategy, X, labels, budget_per_class, ...)`` runs one of ``STRATEGIES`` by name,
 optionally within metadata strata (class × stratum cells, each with its share of the class
-budget), or one of ``POOL_STRATEGIES``: those select pretraining data, take
-``budget_per_class=None`` and a ``fraction`` of the whole pool instead, and ignore labels.
+budget). OptiDEL, which selects a fraction of the whole pool for pretraining and ignores
+labels, is no strategy of these: ``medcurate.select.optidel`` (the ``optidel`` command).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from medcurate.select.base import (Gather, SelectionResult, class_rows, derive_s
 from medcurate.select.baselines import (cluster_random, facility_location, herding, kcenter,
                                         random_uniform, stratified, typicality)
 from medcurate.select.confounder import confounder_aware, confounder_aware_paper
-from medcurate.select.optidel import optidel
 
 STRATEGIES: dict[str, Callable[..., SelectionResult]] = {
     "confounder-aware": confounder_aware,
@@ -33,21 +32,19 @@ STRATEGIES: dict[str, Callable[..., SelectionResult]] = {
     "typicality": typicality,
     "cluster-random": cluster_random,
 }
-POOL_STRATEGIES: dict[str, Callable[..., SelectionResult]] = {"optidel": optidel}
-_ALL = {**STRATEGIES, **POOL_STRATEGIES}
 
 _COMMON = {"X", "labels", "budget_per_class", "seed"}
 
-__all__ = ["POOL_STRATEGIES", "STRATEGIES", "SelectionResult", "select", "split_budget", "strategy_params",
+__all__ = ["STRATEGIES", "SelectionResult", "select", "split_budget", "strategy_params",
            "validate_inputs"]
 
 
 def strategy_params(strategy: str) -> dict[str, object]:
     """The strategy's own parameters and their defaults (beyond X, labels, budget, seed)."""
-    if strategy not in _ALL:
+    if strategy not in STRATEGIES:
         raise MedcurateError(f"unknown selection strategy {strategy!r}; known: "
-                             f"{', '.join(_ALL)}")
-    parameters = inspect.signature(_ALL[strategy]).parameters.values()
+                             f"{', '.join(STRATEGIES)}")
+    parameters = inspect.signature(STRATEGIES[strategy]).parameters.values()
     return {p.name: p.default for p in parameters if p.name not in _COMMON}
 
 
@@ -67,7 +64,7 @@ def select(strategy: str, X, labels, budget_per_class: int, *, seed: int = 0, st
     if unknown:
         raise MedcurateError(f"strategy {strategy} takes no parameter {', '.join(unknown)}; "
                              f"its parameters: {', '.join(known) or 'none'}")
-    fn = _ALL[strategy]
+    fn = STRATEGIES[strategy]
     if strata is None:
         return fn(X, labels, budget_per_class, seed=seed, **params)
     return _select_by_strata(fn, strategy, X, labels, budget_per_class, seed=seed,

@@ -16,7 +16,8 @@ from medcurate import backends
 from medcurate.reduce import TransformMap
 from medcurate.select.base import (ClassPick, SelectionResult, allocate, class_rows,
                                    derive_seed, herd, per_class, run_info, validate_inputs)
-from medcurate.select.confounder import MapStore, class_groups, class_map_seeds, group_label
+from medcurate.select.confounder import (MapStore, class_groups, class_map_seeds,
+                                         farthest_first, group_label)
 
 
 def random_uniform(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResult:
@@ -60,22 +61,15 @@ def kcenter(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResu
 
 
 def kcenter_greedy(Xc: np.ndarray, k: int, *, centre: str = "the mean") -> ClassPick:
-    """``k`` rows of ``Xc`` by k-center greedy: the row nearest the mean, then each time the
-    row farthest from every earlier pick. O(N) memory: one running distance vector.
-    ``centre`` names the mean in the first pick's reason."""
+    """``k`` rows of ``Xc`` by k-center greedy (``farthest_first``) from the row nearest the
+    mean. ``centre`` names the mean in the first pick's reason."""
     distances = backends.DistancesTo(Xc)
     first = int(np.argmin(distances(Xc.mean(axis=0))))
-    picks, reasons = [first], [f"k-center pick 1 (nearest {centre})"]
-    nearest = distances(Xc[first])
-    nearest[first] = -1.0
-    for t in range(1, k):
-        new = int(np.argmax(nearest))
-        reasons.append(f"k-center pick {t + 1} ({np.sqrt(nearest[new]):.3g} from the "
-                       "nearest earlier pick)")
-        picks.append(new)
-        nearest = np.minimum(nearest, distances(Xc[new]))
-        nearest[new] = -1.0
-    return ClassPick(indices=np.asarray(picks[:k], dtype=np.int64), reason=reasons[:k])
+    picks, gaps = farthest_first(distances, k, first)
+    reasons = [f"k-center pick 1 (nearest {centre})"] + [
+        f"k-center pick {t} ({gap:.3g} from the nearest earlier pick)"
+        for t, gap in enumerate(gaps, 2)]
+    return ClassPick(indices=picks, reason=reasons[:k])
 
 
 def herding(X, labels, budget_per_class: int, *, seed: int = 0) -> SelectionResult:

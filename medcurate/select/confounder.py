@@ -262,7 +262,10 @@ def order_within(P: np.ndarray, k: int, within: str) -> tuple[np.ndarray, list[s
     sq = backends.sq_dists(P.mean(axis=0, keepdims=True), P)[0]
     order = np.argsort(sq, kind="stable")
     if within == "farthest":
-        return _farthest_points(P, k, int(order[0]))
+        picks, gaps = farthest_first(backends.DistancesTo(P), k, int(order[0]))
+        return picks, ["farthest-point pick 1 (nearest the centre)"] + [
+            f"farthest-point pick {t} ({gap:.3g} from earlier picks)"
+            for t, gap in enumerate(gaps, 2)]
     if within == "nearest":
         ranks = np.arange(k)
         return order[ranks], [f"distance rank {r + 1} of {m} (nearest the centre)"
@@ -272,17 +275,20 @@ def order_within(P: np.ndarray, k: int, within: str) -> tuple[np.ndarray, list[s
                           for r in ranks]
 
 
-def _farthest_points(P: np.ndarray, k: int, start: int) -> tuple[np.ndarray, list[str]]:
-    picks = [start]
-    distances = backends.DistancesTo(P)
-    nearest = distances(P[start])
+def farthest_first(distances: backends.DistancesTo, k: int,
+                   start: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-center greedy (farthest-first traversal) over the rows ``distances`` measures: pick
+    ``start``, then each time the row farthest from every earlier pick. Returns the ``k``
+    picks and each later pick's distance to its nearest earlier one (``k - 1`` values), for
+    the callers' reasons. One running min-distance vector: O(N) memory. The one routine of
+    the ``kcenter`` strategy, OptiDEL's diversity step and ``within="farthest"``."""
+    picks, gaps = [start], []
+    nearest = distances(distances.X[start])
     nearest[start] = -1.0  # never picked again, even among exact duplicates
-    reasons = ["farthest-point pick 1 (nearest the centre)"]
-    for t in range(1, k):
+    for _ in range(1, k):
         new = int(np.argmax(nearest))
-        reasons.append(f"farthest-point pick {t + 1} ({np.sqrt(nearest[new]):.3g} from "
-                       "earlier picks)")
+        gaps.append(np.sqrt(nearest[new]))
         picks.append(new)
-        nearest = np.minimum(nearest, distances(P[new]))
+        nearest = np.minimum(nearest, distances(distances.X[new]))
         nearest[new] = -1.0
-    return np.asarray(picks, dtype=np.int64), reasons
+    return np.asarray(picks[:k], dtype=np.int64), np.asarray(gaps, dtype=np.float32)

@@ -23,7 +23,7 @@ less than easy ones do (they carry more that it has not learnt), and diverse sam
 
 ``fraction`` of the pool is selected in all (real + synthetic). Labels are ignored: the
 strategy works on unlabeled pretraining archives. The synthetic images need pixels, so the
-strategy returns a ``SynthesisPlan`` that the caller renders (``medcurate.select.run`` writes
+strategy returns a ``SynthesisPlan`` that the caller renders (``medcurate.select.pool`` writes
 them as a collection).
 """
 

@@ -1,4 +1,8 @@
-"""A selection run: embeddings + collection metadata → ``selections/<id>/``.
+"""A selection run: embeddings + collection metadata → ``selections/<id>/``, in three steps:
+``load`` (the run and its metadata, from the workspace or an ``InputsCache``), ``compute``
+(the strategy, the selection table and summary; no selection file is written) and
+``publish`` (every file at once through ``Workspace.stage``). ``medcurate.select.pool``
+(OptiDEL) shares them.
 
 Writes ``selection.parquet`` (id, label, split, group, rank, reason, strata columns),
 ``map.parquet`` (every image's 2-D position and group, where the strategy builds a map),
@@ -20,17 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medcurate import backends
-from medcurate.config import POOL_STRATEGIES, SelectConfig
+from medcurate.config import OptidelConfig, SelectConfig
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.sources import CORE_COLUMNS
 from medcurate.provenance import InputRef, Provenance, json_ready, utc_now
 from medcurate.report import noise_groups, write_report
-from medcurate.runtime import NodesSeen, ensure_ray, this_node
-from medcurate.select import select, strategy_params
+from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
+from medcurate.select import SelectionResult, select
 from medcurate.select.map_store import WorkspaceMaps
-from medcurate.select.synthesis import publish_synthetic, synthetic_collection_name
 from medcurate.thumbnails import thumbnail_uris
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
@@ -42,12 +45,23 @@ MAX_REPORT_VALUES = 20  # metadata columns with more distinct values are not cha
 MISSING = "(missing)"
 
 
-def default_selection_id(config: SelectConfig, collection: str) -> str:
+# SelectConfig's OptiDEL fields from when OptiDEL was a select strategy: hashed as unset, so
+# selections made before it became its own command keep their ids.
+_RETIRED = dict.fromkeys(("fraction", "hard_share", "synth_share", "n_clusters", "extractor",
+                          "patch_size", "min_content"))
+
+
+def default_selection_id(config: SelectConfig | OptidelConfig, collection: str) -> str:
     # Fields added later are left out while unset, so earlier selections keep their ids.
-    unset_later = {"map_seed"} if config.map_seed is None else set()
-    digest = hashlib.sha256(json.dumps(config.model_dump(exclude={"overwrite", *unset_later}),
-                                       sort_keys=True).encode()).hexdigest()[:8]
-    size = f"f{config.fraction:g}" if config.fraction else f"n{config.budget_per_class}"
+    fields = config.model_dump(exclude={"overwrite"})
+    if isinstance(config, SelectConfig):
+        fields = {**_RETIRED, **fields}
+        if config.map_seed is None:
+            del fields["map_seed"]
+        size = f"n{config.budget_per_class}"
+    else:
+        size = f"f{config.fraction:g}"
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     return f"{collection}-{config.strategy}-{size}-s{config.seed}-{digest}"
 
 
@@ -63,7 +77,8 @@ class RayTransformMap:
 
         ensure_ray()
         fn_ref = ray.put(fn)
-        apply = ray.remote(lambda f, chunk: (this_node(), f(chunk)))
+        apply = ray.remote(num_cpus=stage_resources("umap_transform").num_cpus)(
+            lambda f, chunk: (this_node(), f(chunk)))
         done = ray.get([apply.remote(fn_ref, chunk) for chunk in chunks])
         self.nodes.take("umap_transform", [node for node, _ in done])
         return [result for _, result in done]
@@ -283,6 +298,144 @@ class InputsCache:
             self._entries.popitem(last=False)
 
 
+def load(config: SelectConfig | OptidelConfig, workspace: Workspace,
+         inputs: InputsCache | None = None) -> SelectionInputs:
+    """The run's images in ``config.splits`` and its collection's metadata: from ``inputs``
+    (a cache of read runs: the HTTP service's, or a comparison's), else read now."""
+    return (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
+                                                   config.splits)
+
+
+def begin(config: SelectConfig | OptidelConfig, workspace: Workspace,
+          inputs: InputsCache | None) -> tuple[SelectionInputs, str, dict]:
+    """What every selection command does first: ``load`` the run, name the selection and
+    refuse an existing one before any work. Returns the inputs, the key and the timing."""
+    clock = time.perf_counter()
+    data = load(config, workspace, inputs)
+    timing = {"load_s": round(time.perf_counter() - clock, 3)}
+    selection_id = config.selection_id or default_selection_id(config, data.collection)
+    workspace.refuse_existing("selections", selection_id, config.overwrite,
+                              "--selection-id NEW")
+    return data, selection_id, timing
+
+
+@dataclass
+class Selection:
+    """A computed selection, ready to publish; nothing of it is written yet."""
+
+    selection_id: str
+    result: SelectionResult
+    table: pa.Table  # selection.parquet
+    selected: np.ndarray  # bool per input row
+    summary: dict
+    inputs: list[InputRef]  # what the selection was made from, for provenance
+
+
+def compute(config: SelectConfig, data: SelectionInputs, selection_id: str, *,
+            maps: WorkspaceMaps | None = None, timing: dict | None = None) -> Selection:
+    """Run ``config.strategy`` on ``data``: the selection table, map and summary, not yet
+    published. ``maps``: where a strategy that draws 2-D maps keeps them (beside the run, so
+    selections of any budget or seed share them); None draws them afresh."""
+    params = config.strategy_params()  # the config refused any the strategy does not take
+    if config.params.draws_maps and backends.backend_name() == "cpu":
+        # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
+        params["transform_map"] = RayTransformMap()
+    if config.params.draws_maps and maps is not None:
+        params["map_store"] = maps
+    missing = [c for c in config.stratify_by if c not in data.metadata.column_names]
+    if missing:
+        raise MedcurateError(f"--stratify-by: collection {data.collection!r} has no column "
+                             f"{', '.join(missing)}; columns: "
+                             f"{', '.join(data.metadata.column_names)}")
+    if data.unlabeled:
+        raise MedcurateError(f"collection {data.collection!r} has unlabeled images; selection "
+                             "keeps a budget per class, so every image needs a label")
+    strata = None
+    if config.stratify_by:
+        parts = [data.values(c) for c in config.stratify_by]
+        strata = np.array(["|".join(f"{c}={v}" for c, v in zip(config.stratify_by, values))
+                           for values in zip(*parts)], dtype=object)
+    timing = dict(timing or {})
+    clock = time.perf_counter()
+    result = select(config.strategy, data.X, data.labels, config.budget_per_class,
+                    seed=config.seed, strata=strata, min_per_stratum=config.min_per_stratum,
+                    **params)
+    timing["select_s"] = round(time.perf_counter() - clock, 3)
+    transform = params.get("transform_map")
+    return assemble(config, data, selection_id, result, timing=timing,
+                    nodes=transform.nodes.as_dict() if transform else {},
+                    maps=maps.as_dict() if "map_store" in params else {})
+
+
+def assemble(config: SelectConfig | OptidelConfig, data: SelectionInputs, selection_id: str,
+             result: SelectionResult, *, timing: dict, nodes: dict | None = None,
+             maps: dict | None = None) -> Selection:
+    """A strategy's result as the selection table, summary and provenance inputs that every
+    selection publishes (``medcurate select`` and ``medcurate optidel`` alike)."""
+    maps = maps or {}
+    labels = data.labels
+    chosen = np.asarray(result.indices, dtype=np.int64)
+    selected = np.zeros(len(labels), dtype=bool)
+    selected[chosen] = True
+    chart_values = {c: data.values(c) for c in data.chart_columns(config.stratify_by)}
+    notes = list(result.info.get("notes", []))
+    summary = build_summary(config, labels, selected, result.point_groups, chart_values,
+                            notes, result.info)
+    summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
+                   collection=data.collection, backend=backends.backend_name(),
+                   nodes=nodes or {}, timing=timing, **({"maps": maps} if maps else {}))
+    inputs_used = [InputRef(role="embedding_run", uri=config.embedding_run,
+                            sha256=data.run_digest),
+                   InputRef(role="collection", uri=data.collection,
+                            sha256=data.manifest_sha256),
+                   *(InputRef(role="map", uri=key) for key in maps.get("reused", [])
+                     + maps.get("computed", []))]
+    ids = data.rows.column("id")
+    table = pa.table({
+        "id": ids.take(pa.array(chosen)),
+        "label": pa.array(labels[chosen].tolist(), pa.string()),
+        "split": data.rows.column("split").take(pa.array(chosen)),
+        "group": pa.array(np.asarray(result.group, dtype=np.int64)),
+        "rank": pa.array(_ranks_within_class(labels[chosen]), pa.int32()),
+        "reason": pa.array(list(result.reason), pa.string()),
+    })
+    for column in config.stratify_by:
+        table = table.append_column(column, pa.array(chart_values[column][chosen].tolist(),
+                                                     pa.string()))
+    return Selection(selection_id, result, table, selected, summary, inputs_used)
+
+
+def publish(workspace: Workspace, config: SelectConfig | OptidelConfig, data: SelectionInputs,
+            selection: Selection, *, started: str, report: bool) -> dict:
+    """Write ``selections/<id>/`` through the workspace's staging (all files or none);
+    returns the summary."""
+    result, summary, selected = selection.result, selection.summary, selection.selected
+    with workspace.stage("selections", selection.selection_id,
+                         overwrite=config.overwrite) as staging:
+        workspace.write_table(f"{staging}/{SELECTION_FILE}", selection.table)
+        if result.coords is not None:
+            workspace.write_table(f"{staging}/{MAP_FILE}", pa.table({
+                "id": data.rows.column("id"),
+                "label": pa.array(data.labels.tolist(), pa.string()),
+                "x": pa.array(result.coords[:, 0], pa.float32()),
+                "y": pa.array(result.coords[:, 1], pa.float32()),
+                "group": pa.array(result.point_groups, pa.int64()),
+                "selected": pa.array(selected)}))
+        workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
+        if report:
+            workspace.write_bytes(f"{staging}/{REPORT_FILE}", report_page(
+                summary, data, selected, result.coords, result.point_groups,
+                selection.selection_id))
+        record = Provenance(
+            kind="selection", key=selection.selection_id, started_at=started,
+            config=config.model_dump(), seed=config.seed, model=data.run_record.get("model"),
+            inputs=selection.inputs,
+            summary={**{k: v for k, v in summary.items() if k != "metadata"},
+                     "strategy_info": json_ready(result.info)})
+        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
+    return summary
+
+
 def run_selection(config: SelectConfig, workspace: Workspace | None = None, *,
                   inputs: InputsCache | None = None, report: bool = True) -> dict:
     """Select from an embedding run and publish ``selections/<id>/``; returns the summary.
@@ -292,105 +445,10 @@ def run_selection(config: SelectConfig, workspace: Workspace | None = None, *,
     it later with ``render_report``, off the request's path."""
     workspace = workspace or Workspace()
     started = utc_now()
-    clock = time.perf_counter()
-    data = (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
-                                                   config.splits)
-    timing = {"load_s": round(time.perf_counter() - clock, 3)}
-    selection_id = config.selection_id or default_selection_id(config, data.collection)
-    workspace.refuse_existing("selections", selection_id, config.overwrite,
-                              "--selection-id NEW")
-    params = config.strategy_params()
-    accepted = strategy_params(config.strategy)
-    unused = sorted(set(params) - set(accepted))
-    if unused:
-        raise MedcurateError(f"strategy {config.strategy} takes no "
-                             f"{', '.join('--' + n.replace('_', '-') for n in unused)}")
-    if "transform_map" in accepted and backends.backend_name() == "cpu":
-        # CPU UMAP transforms in parallel Ray tasks; a cuML model stays on its GPU (serial).
-        params["transform_map"] = RayTransformMap()
-    if "map_store" in accepted:
-        params["map_store"] = WorkspaceMaps(workspace, config.embedding_run, data.run_digest)
-    missing = [c for c in config.stratify_by if c not in data.metadata.column_names]
-    if missing:
-        raise MedcurateError(f"--stratify-by: collection {data.collection!r} has no column "
-                             f"{', '.join(missing)}; columns: "
-                             f"{', '.join(data.metadata.column_names)}")
-    if config.strategy not in POOL_STRATEGIES and data.unlabeled:
-        raise MedcurateError(f"collection {data.collection!r} has unlabeled images; selection "
-                             "keeps a budget per class, so every image needs a label")
-    labels = data.labels  # pool strategies ignore labels; the summary counts them
-    strata = None
-    if config.stratify_by:
-        parts = [data.values(c) for c in config.stratify_by]
-        strata = np.array(["|".join(f"{c}={v}" for c, v in zip(config.stratify_by, values))
-                           for values in zip(*parts)], dtype=object)
-    clock = time.perf_counter()
-    result = select(config.strategy, data.X, labels, config.budget_per_class, seed=config.seed,
-                    strata=strata, min_per_stratum=config.min_per_stratum, **params)
-    timing["select_s"] = round(time.perf_counter() - clock, 3)
-    chosen = np.asarray(result.indices, dtype=np.int64)
-    selected = np.zeros(len(labels), dtype=bool)
-    selected[chosen] = True
-    chart_values = {c: data.values(c) for c in data.chart_columns(config.stratify_by)}
-    notes = list(result.info.get("notes", []))
-    summary = build_summary(config, labels, selected, result.point_groups, chart_values,
-                            notes, result.info)
-    maps = params["map_store"].as_dict() if "map_store" in params else {}
-    summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
-                   collection=data.collection, backend=backends.backend_name(),
-                   nodes=params["transform_map"].nodes.as_dict()
-                   if "transform_map" in params else {}, timing=timing,
-                   **({"maps": maps} if maps else {}))
-    inputs_used = [InputRef(role="embedding_run", uri=config.embedding_run,
-                            sha256=data.run_digest),
-                   InputRef(role="collection", uri=data.collection,
-                            sha256=data.manifest_sha256),
-                   *(InputRef(role="map", uri=key) for key in maps.get("reused", [])
-                     + maps.get("computed", []))]
-    if config.fraction is not None:
-        summary.update(fraction=config.fraction, pretraining_images=int(selected.sum()))
-    if result.synthesis is not None:
-        synthetic = synthetic_collection_name(selection_id)
-        made = publish_synthetic(workspace, synthetic, result.synthesis, data.metadata,
-                                 selection_id=selection_id, inputs=inputs_used,
-                                 params=config.strategy_params(), overwrite=config.overwrite)
-        summary.update(synthetic_collection=synthetic, synthesised=made["ingested"],
-                       pretraining_images=int(selected.sum()) + made["ingested"])
-
-    ids = data.rows.column("id")
-    ranks = _ranks_within_class(labels[chosen])
-    table = pa.table({
-        "id": ids.take(pa.array(chosen)),
-        "label": pa.array(labels[chosen].tolist(), pa.string()),
-        "split": data.rows.column("split").take(pa.array(chosen)),
-        "group": pa.array(np.asarray(result.group, dtype=np.int64)),
-        "rank": pa.array(ranks, pa.int32()),
-        "reason": pa.array(list(result.reason), pa.string()),
-    })
-    for column in config.stratify_by:
-        table = table.append_column(column, pa.array(chart_values[column][chosen].tolist(),
-                                                     pa.string()))
-    with workspace.stage("selections", selection_id, overwrite=config.overwrite) as staging:
-        workspace.write_table(f"{staging}/{SELECTION_FILE}", table)
-        if result.coords is not None:
-            workspace.write_table(f"{staging}/{MAP_FILE}", pa.table({
-                "id": ids, "label": pa.array(labels.tolist(), pa.string()),
-                "x": pa.array(result.coords[:, 0], pa.float32()),
-                "y": pa.array(result.coords[:, 1], pa.float32()),
-                "group": pa.array(result.point_groups, pa.int64()),
-                "selected": pa.array(selected)}))
-        workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
-        if report:
-            workspace.write_bytes(f"{staging}/{REPORT_FILE}", report_page(
-                summary, data, selected, result.coords, result.point_groups, selection_id))
-        record = Provenance(
-            kind="selection", key=selection_id, started_at=started,
-            config=config.model_dump(), seed=config.seed, model=data.run_record.get("model"),
-            inputs=inputs_used,
-            summary={**{k: v for k, v in summary.items() if k != "metadata"},
-                     "strategy_info": json_ready(result.info)})
-        workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
-    return summary
+    data, selection_id, timing = begin(config, workspace, inputs)
+    maps = WorkspaceMaps(workspace, config.embedding_run, data.run_digest)
+    selection = compute(config, data, selection_id, maps=maps, timing=timing)
+    return publish(workspace, config, data, selection, started=started, report=report)
 
 
 def report_page(summary: dict, data: SelectionInputs, selected: np.ndarray,
@@ -418,8 +476,7 @@ def render_report(workspace: Workspace, selection_id: str,
     drawn on its own request). The run must be the one the selection was made from."""
     record = workspace.provenance("selections", selection_id)
     config = SelectConfig.model_validate(record["config"])
-    data = (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
-                                                   config.splits)
+    data = load(config, workspace, inputs)
     made_from = next((ref["sha256"] for ref in record["inputs"]
                       if ref["role"] == "embedding_run"), None)
     if made_from != data.run_digest:

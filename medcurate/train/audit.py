@@ -22,6 +22,7 @@ from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.models import Preprocessing
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
+from medcurate.tables import records_csv
 from medcurate.train.evaluation import (classification_metrics, fold_plan, mean_interval,
                                         paired_auc_permutation)
 from medcurate.train.finetune import (FitResult, classes_of, fit_classifier, fit_head,
@@ -31,6 +32,7 @@ from medcurate.transfer.zoo import load_zoo
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 RESULTS_FILE = "results.csv"
+RESULTS_HEADER = ["model", "level", "fold", "test_set", "metric", "value", "epochs"]
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 TEST_SETS = ("iid", "ood")
@@ -193,7 +195,7 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
                    positive=classes[positive], confounder=config.confounder,
                    carrier=config.carrier, images={n: t.num_rows for n, t in tables.items()})
     with workspace.stage("audits", audit_id, overwrite=config.overwrite) as staging:
-        workspace.write_bytes(f"{staging}/{RESULTS_FILE}", _csv(records).encode())
+        workspace.write_bytes(f"{staging}/{RESULTS_FILE}", records_csv(records, RESULTS_HEADER))
         workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
         workspace.write_bytes(f"{staging}/{REPORT_FILE}", _report(summary, config))
         record = Provenance(
@@ -242,13 +244,6 @@ def _summary(config: AuditConfig, records: list[dict], models: list[str], scores
         tests[str(level)] = pairs
     return {"models": models, "levels": config.levels, "folds": n_folds,
             "metrics": table, "ood_auc_permutation_tests": tests}
-
-
-def _csv(records: list[dict]) -> str:
-    header = ["model", "level", "fold", "test_set", "metric", "value", "epochs"]
-    lines = [",".join(header)]
-    lines += [",".join("" if r[h] is None else str(r[h]) for h in header) for r in records]
-    return "\n".join(lines) + "\n"
 
 
 def _report(summary: dict, config: AuditConfig) -> bytes:

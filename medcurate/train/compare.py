@@ -19,21 +19,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medcurate.config import CompareConfig, SelectConfig
+from medcurate.config import STRATEGY_PARAMS, CompareConfig, SelectConfig
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import read_manifest
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.report import curves_figure, html_page, html_table
-from medcurate.select import strategy_params
-from medcurate.select.run import read_selection, run_selection
+from medcurate.select.run import InputsCache, read_selection, run_selection
+from medcurate.tables import records_csv
 from medcurate.train.evaluation import (classification_metrics, duplicates_of_training,
                                         fold_plan, mean_interval)
 from medcurate.train.finetune import (classes_of, fit_classifier, fit_head, image_table,
                                       label_targets, preprocessing_for, split_rows)
-from medcurate.workspace import PROVENANCE_FILE, Workspace, validate_key
+from medcurate.workspace import PROVENANCE_FILE, Workspace, shaping_fields, validate_key
 
 RESULTS_FILE = "results.csv"
+RESULTS_HEADER = ["strategy", "budget", "seed", "selection", "metric", "value"]
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 CEILING = "all"  # the strategy name of the whole-train-split reference
@@ -77,28 +78,27 @@ class _Trainer:
 
 
 def _selection(config: CompareConfig, workspace: Workspace, strategy: str, budget: int,
-               seed: int, comparison_id: str) -> str:
+               seed: int, comparison_id: str, inputs: InputsCache | None) -> str:
     """The selection's id, made now or reused when an identical one exists. A strategy that
     draws maps draws them with the seed too (``map_seed``): the spread over seeds is then
     the spread over maps, which is most of what varies in a confounder-aware selection."""
     key = validate_key(f"{comparison_id[:90]}-{strategy}-n{budget}-s{seed}")
-    map_seed = seed if "map_seed" in strategy_params(strategy) else None
+    map_seed = seed if "map_seed" in STRATEGY_PARAMS[strategy].model_fields else None
     select = SelectConfig(embedding_run=config.embedding_run, budget_per_class=budget,
                           strategy=strategy, seed=seed, map_seed=map_seed, splits=["train"],
                           selection_id=key, overwrite=config.overwrite)
-    if workspace.exists("selections", key) and not config.overwrite:
-        recorded = workspace.provenance("selections", key)["config"]
-        # fields added to the config since the selection was made count as their defaults
-        if all(recorded.get(name) == value for name, value in select.model_dump().items()
-               if name in recorded or value is not None):
-            return key
-        raise MedcurateError(f"selection {key!r} exists with other parameters; pass --overwrite")
-    run_selection(select, workspace)
+    if config.overwrite or workspace.reusable(
+            "selections", key, select.model_dump(), shaping_fields(select),
+            "pass --overwrite or --comparison-id NEW") is None:
+        run_selection(select, workspace, inputs=inputs)
     return key
 
 
-def compare_selections(config: CompareConfig, workspace: Workspace | None = None) -> dict:
-    """Train on each strategy's selections and publish ``comparisons/<id>/``."""
+def compare_selections(config: CompareConfig, workspace: Workspace | None = None, *,
+                       inputs: InputsCache | None = None) -> dict:
+    """Train on each strategy's selections and publish ``comparisons/<id>/``. ``inputs``: a
+    cache of read runs shared by the selections (and by comparisons on the same run, e.g. a
+    study's); default: each selection reads the run."""
     workspace = workspace or Workspace()
     started = utc_now()
     comparison_id = config.comparison_id or _default_id(config)
@@ -140,7 +140,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
     for seed in config.seeds:
         for strategy in config.strategies:
             for budget in config.budgets:
-                key = _selection(config, workspace, strategy, budget, seed, comparison_id)
+                key = _selection(config, workspace, strategy, budget, seed, comparison_id,
+                                 inputs)
                 ids = read_selection(workspace, key).column("id")
                 chosen = train_all.filter(pc.is_in(train_all["id"], value_set=ids))
                 for metric, value in evaluate(chosen, seed, key).items():
@@ -159,7 +160,7 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                    f"{config.val_fraction:.0%} of each selection", test_images=test.num_rows,
                    test_dropped=dropped)
     with workspace.stage("comparisons", comparison_id, overwrite=config.overwrite) as staging:
-        workspace.write_bytes(f"{staging}/{RESULTS_FILE}", _csv(records).encode())
+        workspace.write_bytes(f"{staging}/{RESULTS_FILE}", records_csv(records, RESULTS_HEADER))
         workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
         workspace.write_bytes(f"{staging}/{REPORT_FILE}", _report(summary, config))
         record = Provenance(kind="comparison", key=comparison_id, started_at=started,
@@ -204,13 +205,6 @@ def _summary(config: CompareConfig, records: list[dict]) -> dict:
     ceiling = {m: mean_interval(values(strategy=CEILING, metric=m)) for m in config.metrics}
     return {"strategies": config.strategies, "budgets": config.budgets, "seeds": config.seeds,
             "metrics": table, "ceiling": ceiling}
-
-
-def _csv(records: list[dict]) -> str:
-    header = ["strategy", "budget", "seed", "selection", "metric", "value"]
-    lines = [",".join(header)]
-    lines += [",".join("" if r[h] is None else str(r[h]) for h in header) for r in records]
-    return "\n".join(lines) + "\n"
 
 
 def _report(summary: dict, config: CompareConfig) -> bytes:

@@ -35,42 +35,28 @@ from torch import nn
 from medcurate.config import FinetuneConfig, TrainingConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
-from medcurate.ingest.decode import load_rows
-from medcurate.models import Preprocessing, create_encoder, preprocess_batch
+from medcurate.ingest.decode import IMAGE_COLUMNS, decode_preprocess, with_image_columns
+from medcurate.models import Preprocessing, create_encoder
+from medcurate.models.classifier import MODEL_FILE, Classifier, make_head
+from medcurate.models.preprocess import normalise
 from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray, stage_resources, training_gpu
+from medcurate.tables import records_csv
 from medcurate.train.evaluation import check_metrics, classification_metrics, fold_plan
+from medcurate.train.ray_fit import fit_on_ray
 from medcurate.workspace import PROVENANCE_FILE, Scratch, Workspace
 
-MODEL_FILE = "model.pt"
 RESULT_FILE = "result.pt"
 METRICS_FILE = "metrics.json"
 METRICS_CSV = "metrics.csv"
+METRICS_HEADER = ["fold", "test_set", "metric", "value"]
 PREDICTIONS_FILE = "predictions.parquet"
 VALIDATION = "validation"
-DROPOUT = 0.5
 _BLOCK_ROWS = 256
 _MATERIALIZE_BYTES = 2 << 30  # decoded sets below this are decoded once, not every epoch
-_IMAGE_COLUMNS = ("uri", "member", "window_center", "window_width")
 
 
 # -- the model ----------------------------------------------------------------------------------
-def make_head(embed_dim: int, n_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Dropout(DROPOUT), nn.Linear(embed_dim, n_classes))
-
-
-class Classifier(nn.Module):
-    """Backbone features -> dropout -> linear head, as in the paper's fine-tuning protocol."""
-
-    def __init__(self, backbone: nn.Module, embed_dim: int, n_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = make_head(embed_dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
 def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 15.0,
                   translate: float = 0.1, shear: float = 10.0,
                   zoom: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
@@ -135,8 +121,7 @@ def _decode_batch(batch: pa.Table, prep: Preprocessing, confounder: str | None,
     """Rows -> normalised inputs; a confounder, where set, is applied to the resized [0, 1]
     image before normalisation, seeded per image id so every epoch and model sees the same."""
     rows = batch.to_pydict()
-    unit = Preprocessing(prep.input_size, prep.in_chans, (0.0,), (1.0,))
-    pixels = preprocess_batch(load_rows(rows), unit)
+    pixels = decode_preprocess(rows, prep, normalised=False)
     if confounder:
         from medcurate.confounders import apply_confounder, row_seed
 
@@ -146,18 +131,16 @@ def _decode_batch(batch: pa.Table, prep: Preprocessing, confounder: str | None,
             changed = apply_confounder(confounder, image, confounded=bool(flag),
                                        seed=row_seed(seed, image_id))
             pixels[i] = changed.reshape(prep.input_size, prep.input_size, -1).transpose(2, 0, 1)
-    pixels -= np.asarray(prep.mean, dtype=np.float32)[:, None, None]
-    pixels /= np.asarray(prep.std, dtype=np.float32)[:, None, None]
-    return {"image": pixels, "target": np.asarray(rows["target"], dtype=np.int64),
+    return {"image": normalise(pixels, prep),
+            "target": np.asarray(rows["target"], dtype=np.int64),
             "index": np.asarray(rows["index"], dtype=np.int64)}
 
 
 def image_table(rows: pa.Table, targets: np.ndarray, confounded: np.ndarray | None = None) -> pa.Table:
     """The columns training reads: image location, class index, position, confounder flag."""
-    columns = {c: rows.column(c) if c in rows.column_names else pa.nulls(rows.num_rows, pa.float64())
-               for c in _IMAGE_COLUMNS}
+    columns = with_image_columns(rows)
     flags = np.zeros(rows.num_rows, bool) if confounded is None else np.asarray(confounded, bool)
-    return pa.table({"id": rows.column("id"), **columns,
+    return pa.table({"id": rows.column("id"), **{c: columns.column(c) for c in IMAGE_COLUMNS},
                      "target": pa.array(np.asarray(targets, dtype=np.int64)),
                      "index": pa.array(np.arange(rows.num_rows, dtype=np.int64)),
                      "confounded": pa.array(flags)})
@@ -373,20 +356,11 @@ def fit_classifier(model: str, weights: str | None, training: TrainingConfig, n_
             "patience": training.patience, "batch_size": training.batch_size,
             "lr": training.lr, "weight_decay": training.weight_decay, "seed": seed,
             "tests": list(tests)}
-    trainer = ray.train.torch.TorchTrainer(
-        _train_loop, train_loop_config=loop, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        scaling_config=ray.train.ScalingConfig(num_workers=training.num_workers,
-                                               use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage.path,
-                                       storage_filesystem=storage.ray_filesystem,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise MedcurateError(f"training run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        payload = torch.load(os.path.join(folder, RESULT_FILE), map_location="cpu",
-                             weights_only=False)
+    payload = fit_on_ray(_train_loop, loop, datasets, num_workers=training.num_workers,
+                         use_gpu=use_gpu, storage=storage, name=name, result_file=RESULT_FILE,
+                         what="training",
+                         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+                         weights_only=False)
     storage.delete(name)
     return FitResult(state=payload["state"], history=payload["history"],
                      predictions={k: probs for k, (probs, _) in payload["predictions"].items()})
@@ -533,7 +507,7 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
                    buffer)
         workspace.write_bytes(f"{staging}/{MODEL_FILE}", buffer.getvalue())
         workspace.write_json(f"{staging}/{METRICS_FILE}", document)
-        workspace.write_bytes(f"{staging}/{METRICS_CSV}", _csv(records).encode())
+        workspace.write_bytes(f"{staging}/{METRICS_CSV}", records_csv(records, METRICS_HEADER))
         workspace.write_table(f"{staging}/{PREDICTIONS_FILE}", pa.concat_tables(predictions))
         record = Provenance(
             kind="model", key=run_id, started_at=started, config=config.model_dump(),
@@ -562,10 +536,3 @@ def _summarise(records: list[dict], metrics: list[str]) -> dict:
             values = [r["value"] for r in records if r["test_set"] == name and r["metric"] == metric]
             summary[name][metric] = {**mean_interval(values), "folds": values}
     return summary
-
-
-def _csv(records: list[dict]) -> str:
-    lines = ["fold,test_set,metric,value"]
-    lines += [f"{r['fold']},{r['test_set']},{r['metric']},{'' if r['value'] is None else r['value']}"
-              for r in records]
-    return "\n".join(lines) + "\n"

@@ -32,22 +32,24 @@ import torch
 from medcurate.config import PretrainConfig
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
-from medcurate.ingest.decode import load_rows
+from medcurate.ingest.decode import decode_preprocess, with_image_columns
 from medcurate.models.mae import build_mae, checkpoint_bytes
-from medcurate.models.preprocess import Preprocessing, preprocess_batch
+from medcurate.models.preprocess import Preprocessing
 from medcurate.provenance import InputRef, Provenance, utc_now
 from medcurate.runtime import ensure_ray, stage_resources, training_gpu
+from medcurate.train.ray_fit import fit_on_ray
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 NORM_SAMPLE = 256
 _BLOCK_ROWS = 256  # Ray Data blocks, so several decode tasks can run in parallel
-_DECODE_COLUMNS = ("uri", "member", "window_center", "window_width")
+
+
 # -- data ---------------------------------------------------------------------------------------
 def _decode_batch(batch: dict[str, np.ndarray], prep: Preprocessing) -> dict[str, np.ndarray]:
     """Ray Data UDF: manifest rows -> normalised inputs, prepared exactly as for embedding."""
-    return {"image": preprocess_batch(load_rows(batch), prep)}
+    return {"image": decode_preprocess(batch, prep)}
 
 
 def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float], list[float]]:
@@ -55,19 +57,11 @@ def _normalisation(table: pa.Table, config: PretrainConfig) -> tuple[list[float]
     rng = np.random.default_rng(config.seed)
     take = np.sort(rng.choice(table.num_rows, min(NORM_SAMPLE, table.num_rows), replace=False))
     rows = table.take(take).to_pydict()
-    images = load_rows(rows)
     unscaled = Preprocessing(config.img_size, config.in_chans, (0.0,), (1.0,))
-    pixels = preprocess_batch(images, unscaled)
+    pixels = decode_preprocess(rows, unscaled, normalised=False)
     mean = pixels.mean(axis=(0, 2, 3))
     std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-3)  # a constant image must not divide by 0
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
-
-
-def _decode_columns(table: pa.Table) -> pa.Table:
-    for column in ("window_center", "window_width"):
-        if column not in table.column_names:  # only DICOM collections have them
-            table = table.append_column(column, pa.nulls(table.num_rows, pa.float64()))
-    return table.select(list(_DECODE_COLUMNS))
 
 
 def _selection_images(workspace: Workspace, config: PretrainConfig) -> tuple[list[pa.Table],
@@ -109,7 +103,7 @@ def _training_rows(workspace: Workspace, config: PretrainConfig) -> tuple[pa.Tab
         if "split" in table.column_names and pc.any(pc.equal(table["split"], "train")).as_py():
             table = table.filter(pc.equal(table["split"], "train"))
         tables = [table]
-    table = pa.concat_tables([_decode_columns(t) for t in tables])
+    table = pa.concat_tables([with_image_columns(t) for t in tables])
     # A seeded shuffle, so a manifest sorted by class still gives mixed batches (Ray Data only
     # shuffles within a local buffer), and so max_images takes a random subset.
     order = np.random.default_rng(config.seed).permutation(table.num_rows)
@@ -234,23 +228,9 @@ def pretrain(config: PretrainConfig, workspace: Workspace | None = None) -> dict
     storage = workspace.scratch(run_name)
 
     with workspace.stage("models", name, overwrite=config.overwrite) as staging:
-        trainer = ray.train.torch.TorchTrainer(
-            _train_loop, train_loop_config=loop,
-            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
-                                                   use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage.path,
-                storage_filesystem=storage.ray_filesystem,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-            datasets={"train": dataset},
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise MedcurateError(f"pretraining run {run_name} finished without a checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                               weights_only=True)
+        state = fit_on_ray(_train_loop, loop, {"train": dataset},
+                           num_workers=config.num_workers, use_gpu=use_gpu, storage=storage,
+                           name=run_name, result_file=STATE_FILE, what="pretraining")
         model = build_mae(**model_args)
         model.load_state_dict(state["model"])
         losses = [round(v, 6) for v in state["losses"]]

@@ -8,6 +8,9 @@ a forward pass (and one backward pass) on a small probe of the target, without f
 - :mod:`medcurate.transfer.zoo`: the zoo YAML file, and a model's own source-task head.
 - :mod:`medcurate.transfer.evaluate`: weighted Kendall tau against fine-tuned AUCs, rank
   tables, agreement between metrics; reproduces the paper's published evaluation.
+- :mod:`medcurate.transfer.registry`: the metrics ``medcurate score`` computes, their variants
+  and defaults; :mod:`medcurate.transfer.probe`: the probe it measures on, published as a
+  collection; :mod:`medcurate.transfer.tasks`: its per-model work, one Ray task per model.
 - :mod:`medcurate.transfer.score`: the ``medcurate score`` command (imports torch and Ray;
-  the modules above but ``paper`` need only numpy, scipy and scikit-learn).
+  ``metrics``, ``zoo`` and ``evaluate`` need only numpy, scipy and scikit-learn).
 """

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from medcurate.catalogue import MAE_PREFIX, mae_checkpoint, split_encoder_spec
 from medcurate.errors import MedcurateError
 
 ENTRY_KEYS = ("name", "model", "weights")
@@ -58,8 +59,9 @@ def _entry(raw, index: int, base: Path) -> ZooEntry:
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise MedcurateError(f"zoo entry {index + 1} needs a non-empty string {key!r}")
     model, weights = raw["model"].strip(), raw.get("weights")
-    if model.startswith("mae:"):
-        model = "mae:" + _resolve(model[len("mae:"):], base)
+    checkpoint = mae_checkpoint(model)
+    if checkpoint is not None:
+        model = MAE_PREFIX + _resolve(checkpoint, base)
     if weights is not None:
         if not isinstance(weights, str) or not weights.strip():
             raise MedcurateError(f"zoo entry {raw['name']!r}: weights must be a file path")
@@ -103,7 +105,7 @@ def source_classifier(encoder) -> tuple[np.ndarray, np.ndarray] | None:
     path = encoder.weights
     if encoder.spec.startswith("model:"):
         return _finetuned_head(path, encoder.embed_dim)
-    if not path or encoder.spec.startswith(("mae:", "random/")) or not os.path.isfile(path):
+    if not path or split_encoder_spec(encoder.spec)[0] in ("mae", "random") or not os.path.isfile(path):
         return None
     from timm.models import load_state_dict
 

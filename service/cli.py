@@ -1,9 +1,10 @@
-"""``medcurate serve``, ``medcurate submit`` and ``medcurate jobs``: the HTTP service and cluster
-jobs from the command line. Jobs take the same config schemas as the local commands and are
-validated here before anything is sent.
+"""The ``medcurate`` program: the library's commands (``medcurate.cli``) plus ``serve``,
+``submit`` and ``jobs``, the HTTP service and cluster jobs from the command line. Jobs take
+the same config schemas as the local commands and are validated here before anything is sent.
 
-``medcurate.cli`` calls :func:`register`; this module imports the CLI's helpers only inside
-its functions, so either module may be imported first.
+The console script runs :func:`main`. These commands live here, not in the library, so that
+the arrows run one way: this front end imports ``medcurate.cli`` and ``service``; the library
+imports neither.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import typing
 
 import typer
 
+from medcurate import cli
 from medcurate.commands import command
 from medcurate.config import absolute_location
 from medcurate.errors import MedcurateError
@@ -34,16 +36,12 @@ jobs_app = typer.Typer(help="List, inspect and stop the cluster's medcurate jobs
                        no_args_is_help=True)
 
 
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve_command)
-    app.command("submit")(submit_command)
-    app.add_typer(jobs_app, name="jobs")
-
-
-def _fail(message: str) -> typing.NoReturn:
-    from medcurate.cli import fail
-
-    fail(message)
+def main() -> None:
+    """``medcurate``: the library's CLI with serve, submit and jobs added."""
+    cli.app.command("serve")(serve_command)
+    cli.app.command("submit")(submit_command)
+    cli.app.add_typer(jobs_app, name="jobs")
+    cli.main()
 
 
 def _gateway(address: str | None):
@@ -88,7 +86,7 @@ def serve_command(
     from service.settings import Settings
 
     if ray_address and insecure_no_ray_auth:
-        _fail("--insecure-no-ray-auth is for the local Ray only; with --ray-address, set "
+        cli.fail("--insecure-no-ray-auth is for the local Ray only; with --ray-address, set "
               "RAY_AUTH_MODE as the cluster runs")
     if not ray_address:
         jobs_address = f"http://127.0.0.1:{dashboard_port}"
@@ -104,7 +102,7 @@ def serve_command(
         head = None if ray_address else start_local_head(dashboard_port,
                                                          token_auth=not insecure_no_ray_auth)
     except MedcurateError as exc:
-        _fail(str(exc))
+        cli.fail(str(exc))
     if head and head.token_auth:
         typer.echo(f"local Ray on {head.address} with token authentication; its clients "
                    f"(medcurate submit / jobs, ray job) need RAY_AUTH_MODE=token "
@@ -141,13 +139,13 @@ def _params(params_json: str | None, pairs: list[str]) -> dict:
     try:
         params = json.loads(params_json) if params_json else {}
     except json.JSONDecodeError as exc:
-        _fail(f"--params-json is not valid JSON: {exc}")
+        cli.fail(f"--params-json is not valid JSON: {exc}")
     if not isinstance(params, dict):
-        _fail("--params-json must be a JSON object")
+        cli.fail("--params-json must be a JSON object")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            _fail(f"--param {pair!r}: use key=value")
+            cli.fail(f"--param {pair!r}: use key=value")
         params[key.strip().replace("-", "_")] = value
     return params
 
@@ -162,22 +160,20 @@ def submit_command(
     workspace: JobWorkspace = None,
 ) -> None:
     """Validate a command's parameters here, then run it as a Ray job; prints the job id."""
-    from medcurate.cli import build_config
-
     try:
-        config = build_config(command(kind).config, _params(params_json, param or []))
+        config = cli.build_config(command(kind).config, _params(params_json, param or []))
         # A relative local workspace would resolve against the job driver's working
         # directory on the head, not the submitter's: make it absolute here, as sources are.
         typer.echo(_gateway(address).submit(kind, config, absolute_location(workspace)))
     except MedcurateError as exc:
-        _fail(str(exc))
+        cli.fail(str(exc))
 
 
 def _on_job(action: typing.Callable[[], str]) -> None:
     try:
         typer.echo(action())
     except MedcurateError as exc:
-        _fail(str(exc))
+        cli.fail(str(exc))
 
 
 @jobs_app.command("list")

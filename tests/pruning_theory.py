@@ -12,6 +12,8 @@ What the theory predicts, and OptiDEL relies on: with abundant data (a large poo
 examples per dimension) keeping the hardest beats random, since the examples near the
 boundary pin it down; with scarce data it loses, since hard examples alone say little about
 where the boundary lies overall.
+
+Only the tests use it (test_optidel.py), so it lives beside them, not in the package.
 """
 
 from __future__ import annotations
