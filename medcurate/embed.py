@@ -182,8 +182,9 @@ def embed(config: EmbedConfig, workspace: Workspace | None = None) -> dict:
 
     workspace = workspace or Workspace()
     run_id = config.run_id or default_run_id(config, workspace)
-    if workspace.exists("embeddings", run_id) and not config.overwrite:
-        return {**workspace.provenance("embeddings", run_id)["summary"], "reused": True}
+    finished = workspace.existing("embeddings", run_id, config.overwrite)
+    if finished:
+        return {**finished["summary"], "reused": True}
     manifest = read_manifest(workspace, config.collection)
     # fails early on bad specs
     encoder = create_encoder(config.model, weights=config.weights, workspace=workspace)

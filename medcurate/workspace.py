@@ -395,7 +395,8 @@ class Workspace:
         error raised before any work starts, and again at the commit: of two writers of one key
         at once (two HTTP requests), the later gets ``AlreadyExists`` and replaces nothing.
         """
-        self.refuse_existing(kind, key, overwrite)
+        if self.exists(kind, key) and not overwrite:  # whatever the kind's reuse policy
+            raise self._taken(kind, key, "choose another name")
         folder = self.new_draft(kind, key)
         try:
             yield folder
@@ -479,12 +480,21 @@ class Workspace:
             outputs[name] = {**(declared.get(name) or {}), "sha256": sha256, "bytes": size}
         return dict(sorted(outputs.items()))
 
-    def refuse_existing(self, kind: str, key: str, overwrite: bool,
-                        rename: str = "choose another name") -> None:
-        """Fail before any work when the artefact exists and no overwrite was asked for."""
-        if self.exists(kind, key) and not overwrite:
-            raise AlreadyExists(f"{kind[:-1]} {key!r} already exists in {self.uri}; "
-                                f"pass --overwrite to replace it or {rename}")
+    def existing(self, kind: str, key: str, overwrite: bool,
+                 rename: str = "choose another name") -> dict | None:
+        """What a command does, before any work, when its key is taken: the kind's policy in
+        ``ARTEFACTS``. None: nothing to reuse (absent, or ``overwrite``); the artefact's
+        provenance record for a kind that returns the existing artefact; ``AlreadyExists``
+        for a kind that refuses unless overwriting."""
+        if overwrite or not self.exists(kind, key):
+            return None
+        if ARTEFACTS[kind].reuse == "return-existing":
+            return self.provenance(kind, key)
+        raise self._taken(kind, key, rename)
+
+    def _taken(self, kind: str, key: str, rename: str) -> AlreadyExists:
+        return AlreadyExists(f"{kind[:-1]} {key!r} already exists in {self.uri}; "
+                             f"pass --overwrite to replace it or {rename}")
 
     # -- garbage ----------------------------------------------------------------------------
     def sweep(self, kind: str, key: str, grace_seconds: float = GRACE_SECONDS) -> list[str]:

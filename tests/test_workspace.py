@@ -347,6 +347,20 @@ def test_find_returns_the_artefacts_made_with_the_given_settings(tmp_path):
         ws.find("selection", seed=0)
 
 
+def test_a_taken_key_gets_its_kinds_policy_returned_or_refused(tmp_path):
+    """Embedding runs are returned as they are, selections refused; --overwrite reuses none."""
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _selections(ws)
+    assert ARTEFACTS["embeddings"].reuse == "return-existing"
+    assert ws.existing("embeddings", run, overwrite=False)["key"] == run
+    assert ws.existing("embeddings", run, overwrite=True) is None
+    assert ws.existing("embeddings", "absent", overwrite=False) is None
+    assert ARTEFACTS["selections"].reuse == "refuse-unless-overwrite"
+    with pytest.raises(AlreadyExists, match="selection 'random-s0' already exists.*--selection-id"):
+        ws.existing("selections", "random-s0", overwrite=False, rename="--selection-id NEW")
+    assert ws.existing("selections", "random-s0", overwrite=True) is None
+
+
 def test_reusable_returns_an_identical_artefact_and_names_the_settings_that_differ(tmp_path):
     from medcurate.config import SelectConfig
 

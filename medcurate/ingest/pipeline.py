@@ -18,7 +18,7 @@ import ray
 from tqdm import tqdm
 
 from medcurate.config import IngestConfig
-from medcurate.errors import AlreadyExists, MedcurateError
+from medcurate.errors import MedcurateError
 from medcurate.ingest import dicom
 from medcurate.ingest.decode import ImageError, probe
 from medcurate.ingest.sources import Listing, list_source
@@ -101,9 +101,7 @@ def ingest(config: IngestConfig, workspace: Workspace | None = None) -> dict:
     workspace = workspace or Workspace()
     started = utc_now()
     window = dicom.parse_window(config.window)
-    if workspace.exists("collections", config.name) and not config.overwrite:
-        raise AlreadyExists(f"collection {config.name!r} already exists in {workspace.uri}; "
-                            "pass --overwrite to replace it or choose another name")
+    workspace.existing("collections", config.name, config.overwrite)
     listing = list_source(config)
     with workspace.stage("collections", config.name, overwrite=config.overwrite) as staging:
         writers: list[pq.ParquetWriter] = []

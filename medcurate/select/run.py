@@ -314,8 +314,8 @@ def begin(config: SelectConfig | OptidelConfig, workspace: Workspace,
     data = load(config, workspace, inputs)
     timing = {"load_s": round(time.perf_counter() - clock, 3)}
     selection_id = config.selection_id or default_selection_id(config, data.collection)
-    workspace.refuse_existing("selections", selection_id, config.overwrite,
-                              "--selection-id NEW")
+    workspace.existing("selections", selection_id, config.overwrite,
+                   "--selection-id NEW")
     return data, selection_id, timing
 
 

@@ -117,7 +117,7 @@ def audit(config: AuditConfig, workspace: Workspace | None = None) -> dict:
     workspace = workspace or Workspace()
     started = utc_now()
     audit_id = config.audit_id or _default_id(config)
-    workspace.refuse_existing("audits", audit_id, config.overwrite, "--audit-id NEW")
+    workspace.existing("audits", audit_id, config.overwrite, "--audit-id NEW")
     zoo = load_zoo(config.zoo)
     manifest = read_manifest(workspace, config.collection)
     if "split" not in manifest.column_names:

@@ -102,8 +102,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
     workspace = workspace or Workspace()
     started = utc_now()
     comparison_id = config.comparison_id or _default_id(config)
-    workspace.refuse_existing("comparisons", comparison_id, config.overwrite,
-                              "--comparison-id NEW")
+    workspace.existing("comparisons", comparison_id, config.overwrite,
+                   "--comparison-id NEW")
     workspace.require("embeddings", config.embedding_run)
     run_record = workspace.provenance("embeddings", config.embedding_run)
     collection = run_record["summary"]["collection"]

@@ -449,7 +449,7 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
     workspace = workspace or Workspace()
     started = utc_now()
     run_id = config.run_id or default_run_id(config)
-    workspace.refuse_existing("models", run_id, config.overwrite, "--run-id NEW")
+    workspace.existing("models", run_id, config.overwrite, "--run-id NEW")
     collection, rows, is_selection = training_source(workspace, config.train)
     classes, positive = classes_of(rows, config)
     targets = label_targets(rows, classes, "training data")

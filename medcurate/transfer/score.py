@@ -207,7 +207,7 @@ def score(config: ScoreConfig, workspace: Workspace | None = None) -> dict:
     workspace = workspace or Workspace()
     started = utc_now()
     plan = _plan(config, workspace)
-    if workspace.exists("scores", plan.score_id) and not config.overwrite:
+    if workspace.existing("scores", plan.score_id, config.overwrite):
         return {**workspace.read_json(workspace.path("scores", plan.score_id, SCORES_JSON)),
                 "reused": True}
     encoders = _encoders(plan.zoo, workspace)
