@@ -13,16 +13,15 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from medcurate.ingest.decode import load_rows
+from medcurate.ingest.decode import image_columns, load_rows
 
 
 def thumbnail_uris(rows: pa.Table, size: int = 64, quality: int = 70) -> list[str | None]:
     """One ``data:image/jpeg;base64,...`` URI per manifest row (columns ``uri``, ``member``,
     optionally ``window_center``, ``window_width``), at most ``size`` px on its longest side.
     A row that cannot be read or decoded gives None: a report shows every other image."""
-    columns = [c for c in ("uri", "member", "window_center", "window_width")
-               if c in rows.column_names]
-    return [_thumbnail(row, size, quality) for row in rows.select(columns).to_pylist()]
+    return [_thumbnail(row, size, quality)
+            for row in rows.select(image_columns(rows)).to_pylist()]
 
 
 def _thumbnail(row: dict, size: int, quality: int) -> str | None:

@@ -28,6 +28,7 @@ from medcurate.config import OptidelConfig, SelectConfig
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
+from medcurate.ingest.decode import WINDOW_COLUMNS
 from medcurate.ingest.sources import CORE_COLUMNS
 from medcurate.provenance import InputRef, Provenance, json_ready, utc_now
 from medcurate.report import noise_groups, write_report
@@ -95,7 +96,7 @@ def report_columns(metadata: pa.Table, stratify_by: list[str]) -> list[str]:
     for name in ["split", *metadata.column_names]:
         if name in columns or (name in CORE_COLUMNS and name != "split"):
             continue
-        if name in ("window_center", "window_width") or name not in metadata.column_names:
+        if name in WINDOW_COLUMNS or name not in metadata.column_names:
             continue
         field = metadata.schema.field(name)
         if not (pa.types.is_string(field.type) or pa.types.is_integer(field.type)
