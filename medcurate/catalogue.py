@@ -18,6 +18,10 @@ STRATEGIES = ("confounder-aware", "confounder-aware-paper", "random", "stratifie
 # its own command (``medcurate optidel``), not a ``select`` strategy.
 POOL_STRATEGIES = ("optidel",)
 
+# -- near-duplicates ------------------------------------------------------------------------------
+# Which image of a group of near-duplicates ``medcurate dedup --keep`` keeps (medcurate.dedup).
+DEDUP_KEEP_RULES = ("central", "earliest", "largest")
+
 # -- transferability metrics ----------------------------------------------------------------------
 # Each metric's variants, its default first; an empty tuple: the metric has no variants.
 METRIC_VARIANTS: dict[str, tuple[str, ...]] = {

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from medcurate.config import (AuditConfig, CompareConfig, CurateConfig, EmbedConfig,
-                              FinetuneConfig, IngestConfig, OptidelConfig, PretrainConfig,
-                              ScoreConfig, SelectConfig)
+from medcurate.config import (AuditConfig, CompareConfig, CurateConfig, DedupConfig,
+                              EmbedConfig, FinetuneConfig, IngestConfig, OptidelConfig,
+                              PretrainConfig, ScoreConfig, SelectConfig)
 from medcurate.errors import MedcurateError
 from medcurate.workspace import Workspace
 
@@ -57,6 +57,11 @@ def _selected(config: BaseModel, workspace: Workspace, summary: dict) -> str:
     return f"selected {summary['selected']} of {summary['images']} images; report: {report}"
 
 
+def _deduplicated(config: DedupConfig, workspace: Workspace, summary: dict) -> str:
+    return (f"{summary['removed']} near-duplicates in {summary['groups']} groups; "
+            f"{summary['leaks']} test images duplicate training images")
+
+
 def _score_table(config: ScoreConfig, workspace: Workspace, document: dict) -> str:
     from medcurate.transfer.score import format_table  # torch: only once a score has run
 
@@ -84,6 +89,12 @@ COMMANDS: dict[str, Command] = {
              "prototype margin, k-center spread, plus synthetic images as the collection "
              "<selection>-synth); labels ignored. For `medcurate pretrain --selection`.",
         printer=_selected, cli_omits=("metadata",)),
+    "dedup": Command(
+        DedupConfig, "medcurate.dedup:dedup", "dedups",
+        help="Find near-duplicate images of an embedding run (cosine of embeddings at least "
+             "--threshold): groups.parquet (id, split, group, kept, kept_id, cosine), the kept "
+             "image of each group by --keep, and test images that repeat training images.",
+        printer=_deduplicated),
     "curate": Command(
         CurateConfig, "medcurate.curate:curate", "selections",
         help="The main job: ingest → embed → select → report. Without SOURCE it runs on a "

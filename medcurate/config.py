@@ -172,6 +172,26 @@ class CurateConfig(IngestConfig):
 NEAR_DUPLICATE_COSINE = 0.99
 
 Strategy = Literal[catalogue.STRATEGIES]
+DedupKeep = Literal[catalogue.DEDUP_KEEP_RULES]
+
+
+class DedupConfig(CommandConfig):
+    """Near-duplicate groups of an embedding run (``medcurate dedup``)."""
+
+    embedding_run: Key = argument("Embedding run whose images are grouped (see `medcurate "
+                                  "embed`).")
+    # Provisional: NEAR_DUPLICATE_COSINE, until the precision/recall measured on labelled
+    # copies of real images (tests/test_dedup.py) picks the default.
+    threshold: float = Field(NEAR_DUPLICATE_COSINE, gt=0.0, le=1.0, description="Cosine "
+                             "similarity of two images' embeddings at or above which they are "
+                             "near-duplicates, in (0, 1] (default provisional, the comparison's "
+                             f"{NEAR_DUPLICATE_COSINE}).")
+    keep: DedupKeep = Field("central", description="Which image of a group is kept: central "
+                            "(highest mean similarity to the group), earliest (first ingested) "
+                            "or largest (most pixels).")
+    dedup_id: Key | None = Field(None, description="Name of the result (default: the run's "
+                                 "name and a digest of the settings).")
+    overwrite: bool = Field(False, description="Replace an existing dedup of this name.")
 
 
 def extractor_location(value: str) -> str:

@@ -78,6 +78,7 @@ ARTEFACTS: dict[str, ArtefactKind] = {a.kind: a for a in (
     ArtefactKind("scores", ("score_id",), "return-existing"),
     ArtefactKind("audits", ("audit_id",), "refuse-unless-overwrite"),
     ArtefactKind("comparisons", ("comparison_id",), "refuse-unless-overwrite"),
+    ArtefactKind("dedups", ("dedup_id",), "refuse-unless-overwrite"),
 )}
 ARTEFACT_KINDS = tuple(ARTEFACTS)
 # Config fields that do not shape an artefact: whether it may replace one, and the roots the
