@@ -83,3 +83,11 @@ def json_ready(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def outputs_digest(record: dict) -> str:
+    """One hash over an artefact's output hashes (its provenance ``outputs``): changes whenever
+    any file changes, so what was made from it can name exactly the version it read."""
+    outputs = record.get("outputs", {})
+    text = "\n".join(f"{name}:{outputs[name]['sha256']}" for name in sorted(outputs))
+    return hashlib.sha256(text.encode()).hexdigest()

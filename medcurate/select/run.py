@@ -30,7 +30,7 @@ from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import WINDOW_COLUMNS
 from medcurate.ingest.sources import CORE_COLUMNS
-from medcurate.provenance import InputRef, Provenance, json_ready, utc_now
+from medcurate.provenance import InputRef, Provenance, json_ready, outputs_digest, utc_now
 from medcurate.report import noise_groups, write_report
 from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
 from medcurate.select import SelectionResult, select
@@ -237,7 +237,7 @@ def load_inputs(workspace: Workspace, run_id: str, splits: list[str]) -> Selecti
     labels = _values(rows, "label").astype(str)  # fixed-width: sorted 6x faster than objects
     return SelectionInputs(
         run_record=run_record,
-        run_digest=_digest_outputs(run_record), collection=collection,
+        run_digest=outputs_digest(run_record), collection=collection,
         collection_version=collection_version.version if collection_version else "",
         manifest_sha256=workspace.provenance("collections", collection)
         ["outputs"][MANIFEST_FILE]["sha256"],
@@ -515,13 +515,6 @@ def _ranks_within_class(labels: np.ndarray) -> list[int]:
         ranks.append(seen[label])
         seen[label] += 1
     return ranks
-
-
-def _digest_outputs(record: dict) -> str:
-    """One hash over a run's output hashes: changes whenever any shard changes."""
-    outputs = record.get("outputs", {})
-    text = "\n".join(f"{name}:{outputs[name]['sha256']}" for name in sorted(outputs))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_selection(workspace: Workspace, selection_id: str) -> pa.Table:
