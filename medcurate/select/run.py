@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from medcurate import backends
 from medcurate.config import OptidelConfig, SelectConfig
+from medcurate.dedup import GROUPS_FILE
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
@@ -57,8 +58,9 @@ def default_selection_id(config: SelectConfig | OptidelConfig, collection: str) 
     fields = config.model_dump(exclude={"overwrite"})
     if isinstance(config, SelectConfig):
         fields = {**_RETIRED, **fields}
-        if config.map_seed is None:
-            del fields["map_seed"]
+        for added in ("map_seed", "exclude_duplicates"):
+            if fields[added] is None:
+                del fields[added]
         size = f"n{config.budget_per_class}"
     else:
         size = f"f{config.fraction:g}"
@@ -206,6 +208,9 @@ class SelectionInputs:
     metadata: pa.Table  # the manifest rows of the embeddings, in the same order
     labels: np.ndarray  # str per row; MISSING where unlabeled
     unlabeled: bool
+    # where a dedup's removed near-duplicates were left out (``without_duplicates``): the
+    # dedup's key, its outputs' digest and how many rows it took out
+    duplicates: dict | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
     def values(self, column: str) -> np.ndarray:
@@ -223,6 +228,17 @@ class SelectionInputs:
     @property
     def nbytes(self) -> int:
         return int(self.X.nbytes + self.rows.nbytes + self.metadata.nbytes + self.labels.nbytes)
+
+    def take(self, keep: np.ndarray, **changes) -> SelectionInputs:
+        """A new view of the rows where ``keep`` (bool per row) holds; this one, which an
+        ``InputsCache`` may share between requests, is left as it is."""
+        positions = pa.array(np.flatnonzero(keep), pa.int64())
+        X = self.X[keep]
+        X.flags.writeable = False
+        rows = self.rows.take(positions)
+        return replace(self, rows=rows, X=X, metadata=self.metadata.take(positions),
+                       labels=self.labels[keep], unlabeled=rows.column("label").null_count > 0,
+                       _memo={}, **changes)
 
 
 def load_inputs(workspace: Workspace, run_id: str, splits: list[str]) -> SelectionInputs:
@@ -302,9 +318,37 @@ class InputsCache:
 def load(config: SelectConfig | OptidelConfig, workspace: Workspace,
          inputs: InputsCache | None = None) -> SelectionInputs:
     """The run's images in ``config.splits`` and its collection's metadata: from ``inputs``
-    (a cache of read runs: the HTTP service's, or a comparison's), else read now."""
-    return (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
+    (a cache of read runs: the HTTP service's, or a comparison's), else read now; without
+    the near-duplicates that ``config.exclude_duplicates`` removed, where it names a dedup."""
+    data = (inputs.get if inputs else load_inputs)(workspace, config.embedding_run,
                                                    config.splits)
+    dedup_id = getattr(config, "exclude_duplicates", None)
+    return without_duplicates(workspace, data, config.embedding_run, dedup_id) if dedup_id \
+        else data
+
+
+def without_duplicates(workspace: Workspace, data: SelectionInputs, run_id: str,
+                       dedup_id: str) -> SelectionInputs:
+    """``data`` less the rows that dedup ``dedup_id`` removed (in a group, not its kept
+    image), as a new ``SelectionInputs``. The dedup must have been made from this version of
+    run ``run_id``: another run's groups (or an overwritten run's) would name other images."""
+    record = workspace.provenance("dedups", dedup_id)  # NotFound names the known dedups
+    made_from = next((ref for ref in record.get("inputs", [])
+                      if ref.get("role") == "embedding_run"), {})
+    if made_from.get("uri") != run_id:
+        raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} was made from embedding "
+                             f"run {made_from.get('uri')!r}, not {run_id!r}; run `medcurate "
+                             f"dedup {run_id}` and pass its key")
+    if made_from.get("sha256") != data.run_digest:
+        raise MedcurateError(f"--exclude-duplicates: embedding run {run_id!r} was replaced "
+                             f"since dedup {dedup_id!r} was made from it; run `medcurate dedup "
+                             f"{run_id} --overwrite` again")
+    groups = workspace.read_table(
+        f"{workspace.require('dedups', dedup_id)}/{GROUPS_FILE}", columns=["id", "kept"])
+    removed = groups.filter(pc.invert(groups.column("kept"))).column("id")
+    drop = pc.is_in(data.rows.column("id"), value_set=removed).to_numpy(zero_copy_only=False)
+    return data.take(~drop, duplicates={"dedup_id": dedup_id, "sha256": outputs_digest(record),
+                                        "excluded": int(drop.sum())})
 
 
 def begin(config: SelectConfig | OptidelConfig, workspace: Workspace,
@@ -385,10 +429,15 @@ def assemble(config: SelectConfig | OptidelConfig, data: SelectionInputs, select
     summary.update(selection_id=selection_id, embedding_run=config.embedding_run,
                    collection=data.collection, backend=backends.backend_name(),
                    nodes=nodes or {}, timing=timing, **({"maps": maps} if maps else {}))
+    if data.duplicates is not None:
+        summary["duplicates"] = {"dedup_id": data.duplicates["dedup_id"],
+                                 "excluded": data.duplicates["excluded"]}
     inputs_used = [InputRef(role="embedding_run", uri=config.embedding_run,
                             sha256=data.run_digest),
                    InputRef(role="collection", uri=data.collection,
                             sha256=data.manifest_sha256),
+                   *([InputRef(role="dedup", uri=data.duplicates["dedup_id"],
+                               sha256=data.duplicates["sha256"])] if data.duplicates else []),
                    *(InputRef(role="map", uri=key) for key in maps.get("reused", [])
                      + maps.get("computed", []))]
     ids = data.rows.column("id")
