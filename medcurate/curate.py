@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medcurate.config import (DEFAULT_ENCODER, CurateConfig, DedupConfig, EmbedConfig,
                               IngestConfig, SelectConfig)
-from medcurate.dedup import dedup, default_dedup_id
+from medcurate.dedup import dedup, default_dedup_id, made_from
 from medcurate.demo import DEMO_NOTICE, make_demo_archive
 from medcurate.embed import embed
 from medcurate.ingest import ingest
@@ -51,9 +51,7 @@ def _dedup(run_id: str, workspace: Workspace) -> dict:
     key = default_dedup_id(config)
     if workspace.exists("dedups", key):
         record = workspace.provenance("dedups", key)
-        made_from = next((ref.get("sha256") for ref in record.get("inputs", [])
-                          if ref.get("role") == "embedding_run"), None)
-        if made_from == outputs_digest(workspace.provenance("embeddings", run_id)):
+        if made_from(record).get("sha256") == outputs_digest(workspace.provenance("embeddings", run_id)):
             _say(f"reusing dedup {key!r} (same embedding run and settings)")
             return {**record["summary"], "reused": True}
     _say(f"finding near-duplicates in {run_id!r}")

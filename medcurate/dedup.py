@@ -296,6 +296,13 @@ def leaks_by_split_pair(leaks: list[dict]) -> dict[str, int]:
 
 
 # -- the command --------------------------------------------------------------------------------
+def made_from(record: dict) -> dict:
+    """The embedding run a dedup was made from, as its provenance records it (``uri``: the
+    run's key, ``sha256``: its outputs' digest); empty where none is recorded."""
+    return next((ref for ref in record.get("inputs", []) if ref.get("role") == "embedding_run"),
+                {})
+
+
 def default_dedup_id(config: DedupConfig) -> str:
     """``<run>-dedup-<digest of the settings>``; the run's part is shortened to fit a key."""
     suffix = f"-dedup-{config.digest('dedup_id')}"

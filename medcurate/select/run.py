@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from medcurate import backends
 from medcurate.config import OptidelConfig, SelectConfig
-from medcurate.dedup import GROUPS_FILE
+from medcurate.dedup import GROUPS_FILE, made_from
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
@@ -333,13 +333,12 @@ def without_duplicates(workspace: Workspace, data: SelectionInputs, run_id: str,
     image), as a new ``SelectionInputs``. The dedup must have been made from this version of
     run ``run_id``: another run's groups (or an overwritten run's) would name other images."""
     record = workspace.provenance("dedups", dedup_id)  # NotFound names the known dedups
-    made_from = next((ref for ref in record.get("inputs", [])
-                      if ref.get("role") == "embedding_run"), {})
-    if made_from.get("uri") != run_id:
+    run_ref = made_from(record)
+    if run_ref.get("uri") != run_id:
         raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} was made from embedding "
-                             f"run {made_from.get('uri')!r}, not {run_id!r}; run `medcurate "
+                             f"run {run_ref.get('uri')!r}, not {run_id!r}; run `medcurate "
                              f"dedup {run_id}` and pass its key")
-    if made_from.get("sha256") != data.run_digest:
+    if run_ref.get("sha256") != data.run_digest:
         raise MedcurateError(f"--exclude-duplicates: embedding run {run_id!r} was replaced "
                              f"since dedup {dedup_id!r} was made from it; run `medcurate dedup "
                              f"{run_id} --overwrite` again")
