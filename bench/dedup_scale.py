@@ -3,7 +3,7 @@
 The matrix is ``select_scale.planted_embeddings`` (clustered, as embeddings of an archive are)
 with a share of its rows replaced by near copies of other rows: the original plus noise scaled
 to a chosen cosine, as a re-encoded or resized image sits next to its original. Reports wall
-time, peak RSS (this process and its children), the index used, and how many planted copies
+time, peak RSS (this process and its children), the lists used, and how many planted copies
 were found at the threshold (recall) and how many pairs were found that were not planted
 (pairs among the clustered rows above the threshold: false groups at this threshold).
 
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from medcurate import backends
-from medcurate.dedup import near_duplicate_groups
+from medcurate.dedup import PROBES, near_duplicate_groups, unit_rows
 
 from _memory import PeakMemory  # bench/ sibling module
 from select_scale import planted_embeddings  # bench/ sibling module
@@ -47,12 +47,14 @@ def plant_copies(X: np.ndarray, share: float, cosine: float, seed: int) -> np.nd
     return np.stack([sources, copies], axis=1)
 
 
-def run(n: int, dim: int, threshold: float, share: float, cosine: float, seed: int) -> dict:
+def run(n: int, dim: int, threshold: float, share: float, cosine: float, probes: int,
+        seed: int) -> dict:
     X, _, _ = planted_embeddings(n, dim, classes=2, seed=seed)
     planted = plant_copies(X, share, cosine, seed)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        found = near_duplicate_groups(X, threshold, seed=seed)
+        X = unit_rows(X, in_place=True)  # as ``medcurate dedup`` does when it loads a run
+        found = near_duplicate_groups(X, threshold, probes=probes, seed=seed)
         seconds = time.perf_counter() - start
     together = found.group[planted[:, 0]] == found.group[planted[:, 1]]
     together &= found.group[planted[:, 0]] >= 0
@@ -77,12 +79,15 @@ def main() -> None:
                         help="share of rows replaced by a near copy of another row")
     parser.add_argument("--cosine", type=float, default=0.995,
                         help="cosine of a planted copy to its source")
+    parser.add_argument("--probes", type=int, default=PROBES,
+                        help=f"lists each row is compared in (default {PROBES})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
     results = []
     for n in (int(size) for size in args.sizes.split(",")):
-        result = run(n, args.dim, args.threshold, args.share, args.cosine, args.seed)
+        result = run(n, args.dim, args.threshold, args.share, args.cosine, args.probes,
+                     args.seed)
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.json:

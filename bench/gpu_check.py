@@ -27,8 +27,10 @@ The GPU paths and the steps that exercise them (``STEPS``, walked in order by bo
 - ``train``: ``runtime.training_gpu`` and the ``pretrain`` command (Ray Train, one worker)
   with ``use_gpu`` true and false on the same images: both finish; final losses compared.
 
-Dedup (issue 20's first part) has no module in medcurate yet; its neighbour search is
-``backends.knn``, which ``knn`` checks.
+- ``dedup-1m``: ``dedup.near_duplicate_groups`` (faiss-gpu k-means lists, cupy products) on the
+  1M matrix with 1% of its rows replaced by near copies (bench/dedup_scale.py's planting), timed
+  with the planted copies' recall; GPU vs CPU on 50k rows (exact: same pairs expected) and on
+  100k rows through the lists (share of pairs both found).
 
 The real run installs nothing: where cuML, faiss-gpu or a CUDA torch is missing it prints what
 to install and exits 2. ``--dry-run`` needs no GPU: it parses the arguments, imports every
@@ -68,6 +70,7 @@ FU_IMAGES = 240  # BreastMNIST probe images for FU (at least 3 per FU batch)
 BIG_ROWS, BIG_DIM = 1_000_000, 768
 SUBSAMPLE = 20_000  # rows on which the CPU path is compared at "1M" scale
 KNN_EXACT_ROWS, KNN_IVF_ROWS, KNN_QUERIES, KNN_K = 50_000, 100_000, 10_000, 10
+DEDUP_EXACT_ROWS, DEDUP_LISTS_ROWS = 50_000, 100_000
 BUDGET_PER_CLASS = 50
 
 # Modules the real run imports from medcurate (the dry run imports each of them).
@@ -75,7 +78,7 @@ MEDCURATE_MODULES = ("medcurate.backends", "medcurate.runtime", "medcurate.embed
                      "medcurate.ingest", "medcurate.reduce", "medcurate.cluster",
                      "medcurate.select", "medcurate.models", "medcurate.models.preprocess",
                      "medcurate.transfer.paper", "medcurate.train.pretrain", "medcurate.config",
-                     "medcurate.workspace")
+                     "medcurate.workspace", "medcurate.dedup")
 
 INSTALL_ADVICE = """\
 The GPU run needs RAPIDS cuML (with CuPy), faiss-gpu and a CUDA build of torch; it installs
@@ -463,6 +466,50 @@ def run_knn(ctx: Context, cfg: dict) -> dict:
     return result
 
 
+def configure_dedup_1m(ctx: Context) -> dict:
+    entry_points("medcurate.dedup:near_duplicate_groups", "dedup_scale:plant_copies")
+    return {"threshold": 0.99, "planted_share": 0.01, "planted_cosine": 0.995,
+            "exact_rows": DEDUP_EXACT_ROWS, "lists_rows": DEDUP_LISTS_ROWS,
+            "note": f"GPU alone at {BIG_ROWS:,} rows (the CPU figure is bench/dedup_scale.py's); "
+                    "GPU vs CPU on subsamples"}
+
+
+def _pair_agreement(a, b) -> float:
+    """Share of the pairs either backend found that both found (1 where neither found any)."""
+    a, b = set(map(tuple, a.pairs.tolist())), set(map(tuple, b.pairs.tolist()))
+    return round(len(a & b) / len(a | b), 4) if a | b else 1.0
+
+
+def run_dedup_1m(ctx: Context, cfg: dict) -> dict:
+    from dedup_scale import plant_copies  # bench/ sibling
+
+    from medcurate.dedup import near_duplicate_groups
+
+    X = big_matrix(ctx)[0].copy()  # the other steps share the matrix without copies
+    planted = plant_copies(X, cfg["planted_share"], cfg["planted_cosine"], seed=0)
+    with backend("gpu"):
+        full, full_s = timed(near_duplicate_groups, X, cfg["threshold"])
+    source, copy = full.group[planted[:, 0]], full.group[planted[:, 1]]
+    result = {"rows": int(len(X)), "gpu_s": full_s, "index": full.index,
+              "planted_recall": round(float(np.mean((source == copy) & (source >= 0))), 4),
+              "pairs": int(len(full.pairs))}
+    for kind, rows_n, exact_below in (("exact", cfg["exact_rows"], cfg["exact_rows"]),
+                                      ("lists", cfg["lists_rows"], cfg["exact_rows"])):
+        part = np.ascontiguousarray(X[subsample(len(X), rows_n, seed=4)])
+        found = {}
+        for name in ("gpu", "cpu"):
+            with backend(name):
+                found[name], found[f"{name}_s"] = timed(near_duplicate_groups, part,
+                                                        cfg["threshold"],
+                                                        exact_below=exact_below)
+        result[kind] = {"rows": rows_n, "gpu_s": found["gpu_s"], "cpu_s": found["cpu_s"],
+                        "pairs_gpu": int(len(found["gpu"].pairs)),
+                        "pairs_cpu": int(len(found["cpu"].pairs)),
+                        "pair_agreement": _pair_agreement(found["gpu"], found["cpu"])}
+    result["note"] = cfg["note"]
+    return result
+
+
 def configure_fu(ctx: Context) -> dict:
     from medcurate.transfer.paper import FU_BATCHES
 
@@ -556,6 +603,9 @@ STEPS: tuple[Step, ...] = (
          "ARI GPU vs CPU per method on one shared map", configure_cluster, run_cluster),
     Step("knn", "faiss-gpu (backends.knn), exact and IVF",
          "identical lists (exact), recall@10 vs CPU and exact (IVF)", configure_knn, run_knn),
+    Step("dedup-1m", "near-duplicate search on the GPU (dedup.near_duplicate_groups)",
+         "GPU seconds and planted recall at 1M; pairs GPU vs CPU on 50k and 100k rows",
+         configure_dedup_1m, run_dedup_1m),
     Step("fu", "FU scoring on CUDA (transfer.paper.fu_score)",
          "relative difference GPU vs CPU, both variants", configure_fu, run_fu),
     Step("train", "Ray Train on GPU workers (runtime.training_gpu, pretrain)",

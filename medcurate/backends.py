@@ -136,13 +136,20 @@ def _faiss_gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def _on_device(index):
-    """Move a faiss index to GPU 0 when the GPU backend is active and faiss-gpu is installed
-    (faiss-cpu lacks ``StandardGpuResources``); otherwise keep it on CPU."""
+def _faiss_on_gpu() -> bool:
+    """True when the GPU backend is active and faiss-gpu is installed (faiss-cpu lacks
+    ``StandardGpuResources``) and sees a device."""
     import faiss
 
-    if backend_name() == "gpu" and hasattr(faiss, "StandardGpuResources") \
-            and faiss.get_num_gpus() > 0:
+    return backend_name() == "gpu" and hasattr(faiss, "StandardGpuResources") \
+        and faiss.get_num_gpus() > 0
+
+
+def _on_device(index):
+    """Move a faiss index to GPU 0 where ``_faiss_on_gpu``; otherwise keep it on CPU."""
+    import faiss
+
+    if _faiss_on_gpu():
         return faiss.index_cpu_to_gpu(_faiss_gpu_resources(), 0, index)
     return index
 
@@ -183,6 +190,40 @@ def knn(X, k: int, queries=None, *, exact_max: int = 50_000, nprobe: int = 32,
     Q = X if queries is None else as_f32(queries)
     sq, idx = _index(X, exact_max, nprobe, seed).search(Q, k)
     return np.maximum(sq, 0.0), idx.astype(np.int64)
+
+
+def kmeans_centres(X, k: int, *, sample: int, iterations: int, seed: int) -> np.ndarray:
+    """``k`` k-means centres (float32 [k, d]) of a seeded sample of ``sample`` rows of ``X``,
+    by faiss (on the GPU where ``_faiss_on_gpu``): the coarse lists of a search over millions
+    of rows, where a few rounds on a small sample place the centres well enough and a full
+    fit would cost more than the search itself."""
+    import faiss
+
+    X = as_f32(X)
+    n, d = X.shape
+    if not 1 <= k <= min(n, sample):
+        raise ValueError(f"k={k} centres need 1 <= k <= min(rows {n}, sample {sample})")
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
+    kmeans = faiss.Kmeans(d, k, niter=iterations, seed=seed, gpu=_faiss_on_gpu(),
+                          min_points_per_centroid=1, max_points_per_centroid=sample)
+    kmeans.train(X[rows])
+    return kmeans.centroids
+
+
+def similar_pairs(Q, B, at_least: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (i, j) with ``Q[i] · B[j] >= at_least``: row of Q (int64), row of B (int64)
+    and the product (float32), in row-major order. One matrix product (cupy on the GPU
+    backend, BLAS on CPU); callers bound its size by passing Q a block at a time."""
+    if backend_name() == "gpu":
+        import cupy
+
+        S = cupy.asarray(Q) @ cupy.asarray(B).T
+        qi, bj = cupy.nonzero(S >= at_least)
+        return (cupy.asnumpy(qi).astype(np.int64), cupy.asnumpy(bj).astype(np.int64),
+                cupy.asnumpy(S[qi, bj]))
+    S = as_f32(Q) @ as_f32(B).T
+    qi, bj = np.nonzero(S >= at_least)
+    return qi.astype(np.int64), bj.astype(np.int64), S[qi, bj]
 
 
 def nearest_center(X, centers) -> tuple[np.ndarray, np.ndarray]:

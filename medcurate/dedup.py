@@ -3,21 +3,26 @@ test images that repeat training images (leaks).
 
 Two images are near-duplicates when the cosine similarity of their embeddings is at least a
 threshold; groups are the connected components of that relation, so a chain of near copies
-is one group (NeMo Curator's semantic deduplication instead clusters with k-means and compares
-pairs within each cluster). Chaining is also why a low threshold loses precision fast: one
+is one group (NeMo Curator's semantic deduplication instead keeps pairs within each k-means
+cluster apart). Chaining is also why a low threshold loses precision fast: one
 pair of distinct images joins two whole groups. The library part is pure:
 ``near_duplicate_groups`` (arrays in, groups out), ``keep_rule`` (which row of each group stays)
 and ``cross_split_leaks``. ``dedup`` is the ``medcurate dedup RUN`` command: load the run,
 compute, publish ``dedups/<id>/`` (``groups.parquet``, ``leaks.parquet``, ``summary.json``,
 provenance).
 
-Neighbours come from ``backends.knn`` (faiss; faiss-gpu where the GPU backend is active) on
-L2-normalised float32 rows, where squared L2 distance and cosine are one number:
-``cos = 1 - ‖a - b‖² / 2``. So the ranking is the inner product's, and the same index serves:
-exact (flat) up to ``exact_below`` rows, an inverted file above (``4·√N`` lists trained by
-k-means on a seeded sample, ``nprobe`` lists searched per query). A near-duplicate sits so
-close to its original that it almost always falls in the query's own list, which is why a
-small ``nprobe`` finds them; ``tests/test_dedup.py`` checks planted duplicates among 50k rows.
+Pairs are found on L2-normalised float32 rows, where the inner product is the cosine, as
+blocks of one matrix product each (``backends.similar_pairs``: BLAS, or cupy on the GPU
+backend), kept where they reach the threshold: a range search, so every pair above it is
+found, not a fixed number of neighbours per row. Up to ``exact_below`` rows every row is
+compared with every row. Above, as in NeMo Curator, k-means lists first (``4·√N`` centres
+from faiss, faiss-gpu on the GPU backend, trained a few rounds on a small seeded sample), then
+pairs only within lists: each row is compared with the members of its ``probes`` nearest
+lists. Lists and candidates are found in the rows' 256 leading principal dimensions (a
+projection only shortens distances, so it loses no pair) and each candidate is checked on the
+full rows. A near copy sits so close to its original that one of those lists almost always holds
+it: ``bench/dedup_scale.py`` measures how often at a million rows, ``tests/test_dedup.py``
+checks planted copies among 50k.
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ SUMMARY_FILE = "summary.json"
 # Splits whose images a model is fitted or tuned on, and splits it is tested on (ingest's names).
 TRAIN_SPLITS = ("train", "val")
 TEST_SPLITS = ("test",)
-EXACT_BELOW = 50_000  # rows up to which the neighbour search is exact (backends' default)
-NPROBE = 8  # inverted lists searched per query above it
-NEIGHBOURS = 16  # neighbours asked per row at first; rows whose last one still passes ask more
-MAX_NEIGHBOURS = 1024  # faiss-gpu allows at most 2048
+EXACT_BELOW = 50_000  # rows up to which every pair is compared
+PROBES = 8  # lists each row is compared in above it (recall 0.99 at 1M: bench/dedup_scale.py)
+TRAIN_PER_LIST = 16  # k-means sample: rows a list
+TRAIN_ITERATIONS = 6  # k-means rounds
+REDUCED_DIMS = 256  # dimensions the lists are made and candidates found in, above EXACT_BELOW
+PROJECTION_SAMPLE = 20_000  # rows the principal directions are computed from
+MAX_NEIGHBOURS = 1024  # near copies kept per row (more only repeat a group's links)
+BLOCK_CELLS = 1 << 24  # similarities computed at once (64 MB of float32)
+VERIFY_ROWS = 16_384  # candidate pairs checked on the full rows at once
 CHECK_ROWS = 65_536  # rows checked for NaN at a time
 # float32 rounding: copies of one image may come out at a cosine of 1 - 6e-8, and threshold 1
 # means exact copies
@@ -131,50 +141,144 @@ def check_threshold(threshold: float) -> float:
 
 
 def near_duplicate_groups(X, threshold: float, *, exact_below: int = EXACT_BELOW,
-                          nprobe: int = NPROBE, neighbours: int = NEIGHBOURS,
+                          probes: int = PROBES, dims: int = REDUCED_DIMS,
                           seed: int = 0) -> NearDuplicates:
     """Groups of rows of ``X`` whose cosine similarity reaches ``threshold``, as connected
     components of the graph of such pairs.
 
-    Each row asks its ``neighbours`` nearest rows; a row whose farthest answer still passes the
-    threshold (a group larger than the question) asks again with 4x as many, up to
-    ``MAX_NEIGHBOURS``; beyond that its group is still whole as long as the copies reach each
-    other through chains. Exact below ``exact_below`` rows, IVF with ``nprobe`` lists above.
+    Up to ``exact_below`` rows every pair is compared. Above, the rows are partitioned into
+    k-means lists in their ``dims`` leading principal dimensions (``partition``) and each row is compared with the
+    rows of the ``probes`` lists whose centres are nearest to it: a near copy sits so close to
+    its original that it almost always falls in one of them (measured in
+    ``bench/dedup_scale.py``).
     """
     threshold = check_threshold(threshold)
     unit = unit_rows(X)
     n = len(unit)
-    index = _index_description(n, exact_below, nprobe)
-    if n < 2:
-        return NearDuplicates(np.full(n, -1, np.int64), np.zeros((0, 2), np.int64),
-                              np.zeros(0, np.float32), threshold, index)
-    rows_i, rows_j, sims = [], [], []
-    queries, k = np.arange(n), min(neighbours, n)
-    while len(queries):
-        index["neighbours"] = int(k)  # the most any row asked
-        sq, idx = backends.knn(unit, k, queries=None if len(queries) == n else unit[queries],
-                               exact_max=exact_below, nprobe=nprobe, seed=seed)
-        cos = 1.0 - sq / 2.0
-        hit = (cos >= threshold - COS_TOLERANCE) & (idx >= 0) & (idx != queries[:, None])
-        rows_i.append(np.broadcast_to(queries[:, None], idx.shape)[hit])
-        rows_j.append(idx[hit])
-        sims.append(cos[hit])
-        if k >= min(n, MAX_NEIGHBOURS):
-            break
-        # every answer passed: there may be more (a later round builds the index again)
-        queries = queries[cos[:, -1] >= threshold - COS_TOLERANCE]
-        k = min(4 * k, n, MAX_NEIGHBOURS)
-    pairs, cosine = _unique_pairs(np.concatenate(rows_i), np.concatenate(rows_j),
-                                  np.concatenate(sims))
-    return NearDuplicates(_components(n, pairs), pairs, cosine, threshold, index)
-
-
-def _index_description(n: int, exact_below: int, nprobe: int) -> dict:
     if n <= exact_below:
-        return {"kind": "exact", "backend": backends.backend_name()}
-    # backends._index's inverted file: 4·√N lists, ``nprobe`` of them searched per query
-    return {"kind": "ivf-flat", "nlist": int(4 * np.sqrt(n)), "nprobe": int(nprobe),
-            "backend": backends.backend_name()}
+        everything = np.arange(n)
+        search, members, probers = unit, [everything], [everything]
+        index = {"kind": "exact", "backend": backends.backend_name()}
+    else:
+        if probes < 1:
+            raise MedcurateError(f"probes must be at least 1, not {probes}")
+        search = principal_projection(unit, dims, sample=PROJECTION_SAMPLE, seed=seed)
+        members, probers, index = partition(search, probes, seed)
+    found = [pairs_at_least(unit, search, rows, queries, threshold)
+             for rows, queries in zip(members, probers)]
+    pairs, cosine = _unique_pairs(*(np.concatenate(part) for part in zip(*found)))
+    return NearDuplicates(connected_groups(n, pairs), pairs, cosine, threshold, index)
+
+
+def principal_projection(unit: np.ndarray, dims: int, *, sample: int, seed: int) -> np.ndarray:
+    """The rows of ``unit`` projected on the ``dims`` principal directions of a seeded sample
+    of ``sample`` rows (float32 [N, dims]); ``unit`` itself where it has no more columns.
+    An orthogonal projection only shortens distances, so two rows within a distance there are
+    candidates and no pair within it in full is lost; the leading directions keep most of the
+    distance between rows that are not copies, so few candidates are not pairs. Searching in
+    256 instead of 768 dimensions makes the lists' centres, the assignment and the candidate
+    products three times cheaper."""
+    n, d = unit.shape
+    if d <= dims:
+        return unit
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
+    drawn = unit[rows] - unit[rows].mean(axis=0)
+    basis = np.ascontiguousarray(np.linalg.svd(drawn, full_matrices=False)[2][:dims].T)
+    projected = np.empty((n, dims), np.float32)
+    for start in range(0, n, CHECK_ROWS):
+        projected[start:start + CHECK_ROWS] = unit[start:start + CHECK_ROWS] @ basis
+    return projected
+
+
+def partition(search: np.ndarray, probes: int, seed: int
+              ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """Lists of rows to compare: per list, its member rows and the rows that look for their
+    near copies in it (its probers). ``lists_for(N)`` k-means lists of the rows of ``search``
+    (centres trained on a seeded sample of ``TRAIN_PER_LIST`` rows a list, in
+    ``TRAIN_ITERATIONS`` rounds): each row is a member of its nearest centre's list and probes
+    its ``probes`` nearest centres' lists. Returns the lists and how they were made (the
+    dedup's summary records it)."""
+    n = len(search)
+    lists = lists_for(n)
+    centres = backends.kmeans_centres(search, lists, sample=TRAIN_PER_LIST * lists,
+                                      iterations=TRAIN_ITERATIONS, seed=seed)
+    probes = min(probes, lists)
+    _, nearest = backends.knn(centres, probes, queries=search)  # [n, probes], nearest first
+    members = _rows_by_list(nearest[:, 0], lists)
+    probers = _rows_by_list(nearest.ravel(), lists, rows=np.repeat(np.arange(n), probes))
+    return members, probers, {"kind": "lists", "lists": lists, "probes": probes,
+                              "dims": int(search.shape[1]),
+                              "train_rows": min(n, TRAIN_PER_LIST * lists),
+                              "backend": backends.backend_name()}
+
+
+def lists_for(n: int) -> int:
+    """k-means lists for ``n`` rows: ``4·√N`` (faiss's rule of thumb for inverted files; 4,000
+    at a million rows, 250 rows a list on average)."""
+    return max(1, int(4 * np.sqrt(n)))
+
+
+def _rows_by_list(list_of: np.ndarray, lists: int, rows: np.ndarray | None = None
+                  ) -> list[np.ndarray]:
+    """``rows`` (default: 0..len-1) split by ``list_of``, ascending within each list."""
+    order = np.argsort(list_of, kind="stable")
+    bounds = np.searchsorted(list_of[order], np.arange(lists + 1))
+    rows = order if rows is None else rows[order]
+    return [rows[bounds[i]:bounds[i + 1]] for i in range(lists)]
+
+
+def pairs_at_least(unit: np.ndarray, search: np.ndarray, rows: np.ndarray,
+                   queries: np.ndarray, threshold: float, *, cap: int = MAX_NEIGHBOURS
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (query, row) of distinct rows with cosine >= ``threshold``, as three arrays
+    (query rows, member rows, cosine).
+
+    Candidates are the pairs whose rows in ``search`` (``unit`` or its ``principal_projection``)
+    lie within the distance that the threshold allows between unit rows, ``√(2 - 2·t)``; each
+    is then checked on the full rows. Queries go a block at a time so the block of products
+    stays under ``BLOCK_CELLS``; a query with more than ``cap`` pairs keeps its ``cap`` most
+    similar (a group of thousands of copies is still one group, linked through them, without
+    millions of pairs)."""
+    block = max(1, BLOCK_CELLS // max(1, len(rows)))
+    members = _with_norms(search[rows], query=False)
+    # -|a - b|^2 / 2 >= -(2 - 2t) / 2, with room for float32 rounding
+    at_least = -(1.0 - threshold) - 10 * COS_TOLERANCE
+    parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
+    for start in range(0, len(queries), block):
+        q = queries[start:start + block]
+        qi, ri, _ = backends.similar_pairs(_with_norms(search[q], query=True), members,
+                                           at_least)
+        qi, ri = q[qi], rows[ri]
+        cos = _cosines(unit, qi, ri)
+        keep = (qi != ri) & (cos >= threshold - COS_TOLERANCE)
+        qi, ri, cos = qi[keep], ri[keep], cos[keep]
+        if len(qi) and np.unique(qi, return_counts=True)[1].max() > cap:
+            order = np.lexsort((-cos, qi))  # per query, most similar first
+            rank = np.arange(len(order)) - np.searchsorted(qi[order], qi[order])
+            order = order[rank < cap]
+            qi, ri, cos = qi[order], ri[order], cos[order]
+        parts.append((qi, ri, cos.astype(np.float32)))
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def _cosines(unit: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each pair of rows (``unit[a[i]]``, ``unit[b[i]]``), ``VERIFY_ROWS`` pairs at a
+    time: a look-alike archive at a low threshold has millions of candidates, and gathering
+    all their rows at once would need their full size twice over (tens of GB)."""
+    cos = np.empty(len(a), np.float32)
+    for start in range(0, len(a), VERIFY_ROWS):
+        part = slice(start, start + VERIFY_ROWS)
+        cos[part] = np.einsum("ij,ij->i", unit[a[part]], unit[b[part]])
+    return cos
+
+
+def _with_norms(rows: np.ndarray, *, query: bool) -> np.ndarray:
+    """``rows`` with two columns more, so that a query's product with a member is
+    ``-|query - member|^2 / 2``: ``[q, -|q|^2/2, 1]`` for queries, ``[m, 1, -|m|^2/2]`` for
+    members. One matrix product then ranks by distance in a space whose rows are not unit."""
+    half_sq = -0.5 * np.einsum("ij,ij->i", rows, rows)[:, None]
+    ones = np.ones_like(half_sq)
+    return np.hstack([rows, half_sq, ones] if query else [rows, ones, half_sq]).astype(np.float32)
 
 
 def _unique_pairs(i: np.ndarray, j: np.ndarray, cos: np.ndarray
@@ -190,7 +294,7 @@ def _unique_pairs(i: np.ndarray, j: np.ndarray, cos: np.ndarray
     return pairs[first], np.minimum(cos[first], 1.0).astype(np.float32)
 
 
-def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of ``pairs`` over ``n`` rows: groups numbered in order of their
     first row; -1 for a row in no pair."""
     from scipy.sparse import coo_matrix
