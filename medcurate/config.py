@@ -80,11 +80,15 @@ class CommandConfig(BaseModel):
     """Base for every command's config: unknown fields are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+    # Fields added after artefacts were keyed by ``digest``: hashed only when set, so the
+    # artefacts made before they existed keep their default keys.
+    hashed_when_set: ClassVar[tuple[str, ...]] = ()
 
     def digest(self, *exclude: str) -> str:
         """Short hash of the settings that shape a result (not names, overwrite or where it
         runs): the same settings derive the same default artefact key."""
-        skip = {"overwrite", "num_workers", "use_gpu", *exclude}
+        skip = {"overwrite", "num_workers", "use_gpu", *exclude,
+                *(name for name in self.hashed_when_set if getattr(self, name) is None)}
         text = json.dumps(self.model_dump(exclude=skip), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -174,6 +178,16 @@ class CurateConfig(IngestConfig):
 # look alike), with no gap to cut at; 0.99 takes the near copies and leaves the merely similar.
 NEAR_DUPLICATE_COSINE = 0.99
 
+# Default of ``medcurate dedup --threshold`` (DedupConfig), chosen by bench/dedup_threshold.py
+# (docs/results/dedup_threshold.json; mobilenetv2-imagenet at 224 px, every pair judged by
+# pixels): the lowest threshold at and above which dedup wrongly removes at most 1% of the
+# images of each whole archive measured. Brain MRI and HAM10000 would allow 0.97; archives
+# whose images all look alike to the encoder do not: at 0.97 it wrongly removes 84 of 5,830
+# PneumoniaMNIST chest X-rays and 105 of the 300 synthetic demo images, at 0.98 none and one.
+# At 0.98 it removes 1,246 of brain MRI's 7,019 images, all but one a pixel twin of the kept
+# image; at 0.99 757.
+DEDUP_COSINE = 0.98
+
 Strategy = Literal[catalogue.STRATEGIES]
 DedupKeep = Literal[catalogue.DEDUP_KEEP_RULES]
 
@@ -183,12 +197,10 @@ class DedupConfig(CommandConfig):
 
     embedding_run: Key = argument("Embedding run whose images are grouped (see `medcurate "
                                   "embed`).")
-    # Provisional: NEAR_DUPLICATE_COSINE, until the precision/recall measured on labelled
-    # copies of real images (tests/test_dedup.py) picks the default.
-    threshold: float = Field(NEAR_DUPLICATE_COSINE, gt=0.0, le=1.0, description="Cosine "
-                             "similarity of two images' embeddings at or above which they are "
-                             "near-duplicates, in (0, 1] (default provisional, the comparison's "
-                             f"{NEAR_DUPLICATE_COSINE}).")
+    threshold: float = Field(DEDUP_COSINE, gt=0.0, le=1.0, description="Cosine similarity of "
+                             "two images' embeddings at or above which they are "
+                             "near-duplicates, in (0, 1] (default measured on real archives, "
+                             "see the README).")
     keep: DedupKeep = Field("central", description="Which image of a group is kept: central "
                             "(highest mean similarity to the group), earliest (first ingested) "
                             "or largest (most pixels).")
@@ -320,6 +332,8 @@ class SelectConfig(CommandConfig):
                                            "dedup`): its removed near-duplicates are left out "
                                            "before selecting, so no budget goes to copies.")
     overwrite: bool = Field(False, description="Replace an existing selection of this id.")
+
+    hashed_when_set: ClassVar[tuple[str, ...]] = ("map_seed", "exclude_duplicates")
 
     @model_validator(mode="before")
     @classmethod
@@ -573,7 +587,14 @@ class FinetuneConfig(TrainingConfig):
                             "o.o.d. sets here too (at most 32).")
     run_id: Key | None = Field(None, description="Name of the model to write (default: derived "
                                "from the training set, model, mode and seed).")
+    exclude_duplicates: Key | None = Field(
+        None, description="A dedup (`medcurate dedup`) of the selection's embedding run, or of "
+        "a run of the collection trained on: the near-duplicates it removed are left out of "
+        "training and the test images it reports as leaks (repeating training images) out of "
+        "the evaluation.")
     overwrite: bool = Field(False, description="Replace an existing model of this name.")
+
+    hashed_when_set: ClassVar[tuple[str, ...]] = ("exclude_duplicates",)
 
 
 class AuditConfig(TrainingConfig):
@@ -642,7 +663,14 @@ class CompareConfig(TrainingConfig):
         NEAR_DUPLICATE_COSINE, ge=0.5, le=1.0, description="Test images whose embedding has at "
         "least this cosine similarity to a training or validation image's are dropped as near "
         "duplicates, as exact copies always are (1 = exact copies only).")
+    exclude_duplicates: Key | None = Field(
+        None, description="A dedup of this run (`medcurate dedup`): every selection leaves "
+        "out the near-duplicates it removed (so no budget goes to copies), as does the "
+        "ceiling, and the test images it reports as leaks are dropped as well as those the "
+        "cosine check above finds.")
     overwrite: bool = Field(False, description="Replace an existing comparison of this name.")
+
+    hashed_when_set: ClassVar[tuple[str, ...]] = ("exclude_duplicates",)
 
     @model_validator(mode="after")
     def _valid_strategies(self) -> CompareConfig:

@@ -295,11 +295,13 @@ def noise_groups(strategy_info: dict) -> dict[str, int | None]:
 def write_report(summary: dict, labels: np.ndarray, selected: np.ndarray,
                  coords: np.ndarray | None, groups: np.ndarray | None, X: np.ndarray,
                  title: str, model: dict, ids: np.ndarray | None = None,
-                 thumbnails: Callable[[np.ndarray], list[str | None]] | None = None) -> bytes:
+                 thumbnails: Callable[[np.ndarray], list[str | None]] | None = None,
+                 near_duplicates: dict | None = None) -> bytes:
     """The report as HTML bytes with every figure, map and thumbnail inlined (one file to mail
     or archive). ``ids[i]`` names row i (its row number where ``ids`` is None);
     ``thumbnails(rows)`` gives the data URIs (None where undecodable) of the rows the page
-    shows, asked once; without it the page shows maps and counts but no images."""
+    shows, asked once; without it the page shows maps and counts but no images.
+    ``near_duplicates``: the dedup the selection left out (``near_duplicates_section``)."""
     ids = np.arange(len(labels)).astype(str) if ids is None else np.asarray(ids).astype(str)
     caption = ("UMAP map of each class, coloured by confounder group (light grey: noise), "
                "selected images ringed in black")
@@ -340,6 +342,7 @@ def write_report(summary: dict, labels: np.ndarray, selected: np.ndarray,
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     parts += ["<h2>Classes</h2>", _table(summary["classes"], "class"),
               _bars("classes", "class distribution", summary["classes"]),
+              *near_duplicates_section(near_duplicates),
               f"<h2>What was picked</h2><p>{html.escape(caption)}</p>"]
     if thumbs:
         parts.append(f"<p>{html.escape(STRIP_LEGEND)}</p>")
@@ -398,6 +401,38 @@ def report_policy(page: bytes) -> str:
         hashes.append("'sha256-" + base64.b64encode(hashlib.sha256(text).digest()).decode() + "'")
     scripts = " ".join(dict.fromkeys(hashes)) or "'none'"
     return f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {scripts}"
+
+
+def near_duplicates_section(near: dict | None) -> list[str]:
+    """The "Near-duplicates" section: the dedup the selection was made with (``select
+    --exclude-duplicates``): its key, threshold, groups, removed images, test images that
+    repeat training images per split pair, and how many images this selection left out (its
+    splits only). Only the dedup the selection used is shown, not any dedup of its run: the
+    report describes what the selection did, and a run may have several dedups. Without
+    one, a sentence says the selection may hold near-copies."""
+    parts = ["<h2>Near-duplicates</h2>"]
+    if near is None:
+        return parts + ["<p>This selection was made without a dedup, so near-duplicate "
+                        "images were not looked for and may share the budget: run "
+                        "<code>medcurate dedup RUN</code> and select with "
+                        "<code>--exclude-duplicates</code>.</p>"]
+    text = (f"Dedup {near['dedup_id']} (cosine similarity at least {near['threshold']}, "
+            f"kept image of each group: {near['keep']}) found {near['groups']} groups of "
+            f"near-duplicates among {near['images']} images and removed {near['removed']}; "
+            f"this selection left out {near['excluded']} of them (those in its splits).")
+    if not near["groups"]:
+        text = (f"Dedup {near['dedup_id']} (cosine similarity at least {near['threshold']}) "
+                f"found no near-duplicates among {near['images']} images: the selection left "
+                "nothing out.")
+    parts.append(f"<p>{html.escape(text)}</p>")
+    leaks = near.get("leaks_by_split_pair") or {}
+    if leaks:
+        parts += [f"<p>{html.escape(str(near['leaks']))} test images repeat training or "
+                  "validation images (leaks), by split pair (test~train):</p>",
+                  html_table(["split pair", "leaked test images"], list(map(list, leaks.items())))]
+    else:
+        parts.append("<p>No test image repeats a training or validation image.</p>")
+    return parts
 
 
 def _grouping_quality(summary: dict) -> list[str]:

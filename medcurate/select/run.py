@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from medcurate import backends
 from medcurate.config import OptidelConfig, SelectConfig
-from medcurate.dedup import GROUPS_FILE, made_from
+from medcurate.dedup_use import in_ids, read_dedup
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
@@ -58,7 +58,7 @@ def default_selection_id(config: SelectConfig | OptidelConfig, collection: str) 
     fields = config.model_dump(exclude={"overwrite"})
     if isinstance(config, SelectConfig):
         fields = {**_RETIRED, **fields}
-        for added in ("map_seed", "exclude_duplicates"):
+        for added in config.hashed_when_set:
             if fields[added] is None:
                 del fields[added]
         size = f"n{config.budget_per_class}"
@@ -209,7 +209,7 @@ class SelectionInputs:
     labels: np.ndarray  # str per row; MISSING where unlabeled
     unlabeled: bool
     # where a dedup's removed near-duplicates were left out (``without_duplicates``): the
-    # dedup's key, its outputs' digest and how many rows it took out
+    # dedup's key, its outputs' digest, how many rows it took out and its figures (report)
     duplicates: dict | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
@@ -331,23 +331,11 @@ def without_duplicates(workspace: Workspace, data: SelectionInputs, run_id: str,
                        dedup_id: str) -> SelectionInputs:
     """``data`` less the rows that dedup ``dedup_id`` removed (in a group, not its kept
     image), as a new ``SelectionInputs``. The dedup must have been made from this version of
-    run ``run_id``: another run's groups (or an overwritten run's) would name other images."""
-    record = workspace.provenance("dedups", dedup_id)  # NotFound names the known dedups
-    run_ref = made_from(record)
-    if run_ref.get("uri") != run_id:
-        raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} was made from embedding "
-                             f"run {run_ref.get('uri')!r}, not {run_id!r}; run `medcurate "
-                             f"dedup {run_id}` and pass its key")
-    if run_ref.get("sha256") != data.run_digest:
-        raise MedcurateError(f"--exclude-duplicates: embedding run {run_id!r} was replaced "
-                             f"since dedup {dedup_id!r} was made from it; run `medcurate dedup "
-                             f"{run_id} --overwrite` again")
-    groups = workspace.read_table(
-        f"{workspace.require('dedups', dedup_id)}/{GROUPS_FILE}", columns=["id", "kept"])
-    removed = groups.filter(pc.invert(groups.column("kept"))).column("id")
-    drop = pc.is_in(data.rows.column("id"), value_set=removed).to_numpy(zero_copy_only=False)
-    return data.take(~drop, duplicates={"dedup_id": dedup_id, "sha256": outputs_digest(record),
-                                        "excluded": int(drop.sum())})
+    run ``run_id`` (``read_dedup``). ``duplicates`` keeps its figures for the report."""
+    used = read_dedup(workspace, dedup_id, run_id, data.run_digest)
+    drop = in_ids(data.rows.column("id"), used.removed)
+    return data.take(~drop, duplicates={**used.record(excluded=int(drop.sum())),
+                                        "figures": used.figures})
 
 
 def begin(config: SelectConfig | OptidelConfig, workspace: Workspace,
@@ -510,7 +498,16 @@ def report_page(summary: dict, data: SelectionInputs, selected: np.ndarray,
     return write_report(summary, data.labels, selected, coords, groups, data.X,
                         title=f"Selection {selection_id}", model=data.run_record.get("model") or {},
                         ids=np.asarray(data.rows.column("id").to_pylist(), dtype=object),
-                        thumbnails=thumbnails)
+                        thumbnails=thumbnails, near_duplicates=near_duplicates(data.duplicates))
+
+
+def near_duplicates(duplicates: dict | None) -> dict | None:
+    """What the report's near-duplicates section shows of the dedup a selection left out:
+    its key, its figures and how many rows this selection excluded; None without one."""
+    if duplicates is None:
+        return None
+    return {"dedup_id": duplicates["dedup_id"], "excluded": duplicates["excluded"],
+            **duplicates["figures"]}
 
 
 def has_report(workspace: Workspace, selection_id: str) -> bool:
@@ -532,6 +529,11 @@ def render_report(workspace: Workspace, selection_id: str,
         raise MedcurateError(f"selection {selection_id!r}: embedding run "
                              f"{config.embedding_run!r} was replaced since the selection was "
                              "made, so its report cannot be drawn; select again")
+    deduped = next((ref["sha256"] for ref in record["inputs"] if ref["role"] == "dedup"), None)
+    if data.duplicates and deduped != data.duplicates["sha256"]:
+        raise MedcurateError(f"selection {selection_id!r}: dedup {config.exclude_duplicates!r} "
+                             "was made again since the selection was made, so its report "
+                             "cannot be drawn; select again")
     folder = workspace.require("selections", selection_id)
     chosen = workspace.read_table(f"{folder}/{SELECTION_FILE}", columns=["id"]).column("id")
     selected = pc.is_in(data.rows.column("id"), value_set=chosen).to_numpy(zero_copy_only=False)

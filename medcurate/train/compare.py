@@ -7,6 +7,16 @@ Validation (early stopping) uses the collection's 'val' split where it has one, 
 stratified share of the selection. The same protocol on the whole 'train' split gives the
 ceiling. Results: mean and 95% interval over seeds per strategy, budget and metric.
 
+Test images that repeat a training or validation image are dropped before scoring: byte
+copies and those within ``near_duplicate_cosine`` of one (the comparison's own check). With
+``exclude_duplicates`` (a dedup of the run) every selection, and the ceiling, leaves out the
+near-duplicates the dedup removed, and the test images the dedup reports as leaks are dropped
+*in addition to* those of the own check, not instead: the own check finds byte copies at any
+dedup threshold, and the dedup's leaks add copies that only chain to a training image through
+other copies (its groups are connected components) or pass its threshold and not the check's.
+A test image either finds is one the model may have seen. ``test_dropped`` records how many
+each dropped (``dedup_leaks``: the ones only the dedup found).
+
 A linear probe without augmentation at the encoder's own input size trains the head directly
 on the stored embeddings: they are exactly the frozen backbone's features of the same
 preprocessed images, so this equals the Ray Train path without decoding every image again.
@@ -14,16 +24,18 @@ preprocessed images, so this equals the Ray Train path without decoding every im
 
 from __future__ import annotations
 
+import html
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from medcurate.config import STRATEGY_PARAMS, CompareConfig, SelectConfig
+from medcurate.dedup_use import DedupUse, in_ids, read_dedup
 from medcurate.embed import load_embeddings
 from medcurate.errors import MedcurateError
 from medcurate.ingest import read_manifest
-from medcurate.provenance import InputRef, Provenance, utc_now
+from medcurate.provenance import InputRef, Provenance, outputs_digest, utc_now
 from medcurate.report import curves_figure, html_page, html_table
 from medcurate.select.run import InputsCache, read_selection, run_selection
 from medcurate.tables import records_csv
@@ -86,7 +98,8 @@ def _selection(config: CompareConfig, workspace: Workspace, strategy: str, budge
     map_seed = seed if "map_seed" in STRATEGY_PARAMS[strategy].model_fields else None
     select = SelectConfig(embedding_run=config.embedding_run, budget_per_class=budget,
                           strategy=strategy, seed=seed, map_seed=map_seed, splits=["train"],
-                          selection_id=key, overwrite=config.overwrite)
+                          exclude_duplicates=config.exclude_duplicates, selection_id=key,
+                          overwrite=config.overwrite)
     if config.overwrite or workspace.reusable(
             "selections", key, select.model_dump(), shaping_fields(select),
             "pass --overwrite or --comparison-id NEW") is None:
@@ -114,6 +127,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
     train_all, val_split, test = (split_rows(manifest, s) for s in ("train", "val", "test"))
     if not train_all.num_rows or not test.num_rows:
         raise MedcurateError(f"collection {collection!r} needs 'train' and 'test' splits")
+    used = read_dedup(workspace, config.exclude_duplicates, config.embedding_run,
+                      outputs_digest(run_record)) if config.exclude_duplicates else None
     classes, positive = classes_of(train_all, config)
     stored = config.mode == "linear" and not config.augment and config.img_size is None \
         and config.num_workers == 1
@@ -121,6 +136,10 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
     by_id = dict(zip(rows.column("id").to_pylist(), X))
     test, dropped = _drop_training_duplicates(test, pa.concat_tables([train_all, val_split]),
                                               by_id, config.near_duplicate_cosine)
+    duplicates = None
+    if used:
+        train_all, test, duplicates = _without_dedup(used, train_all, test)
+        dropped["dedup_leaks"] = duplicates["test_dropped"]
     features = by_id if stored else None
     trainer = _Trainer(config, workspace, run_record["model"], classes, positive, features,
                        comparison_id)
@@ -158,7 +177,7 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                    trained_on="stored embeddings" if stored else "images (Ray Train)",
                    validation="'val' split" if val_split.num_rows else
                    f"{config.val_fraction:.0%} of each selection", test_images=test.num_rows,
-                   test_dropped=dropped)
+                   test_dropped=dropped, **({"duplicates": duplicates} if duplicates else {}))
     with workspace.stage("comparisons", comparison_id, overwrite=config.overwrite) as staging:
         workspace.write_bytes(f"{staging}/{RESULTS_FILE}", records_csv(records, RESULTS_HEADER))
         workspace.write_json(f"{staging}/{SUMMARY_FILE}", summary)
@@ -167,7 +186,8 @@ def compare_selections(config: CompareConfig, workspace: Workspace | None = None
                             config=config.model_dump(), seed=config.seeds[0],
                             model=run_record.get("model"), summary=summary,
                             inputs=[InputRef(role="embedding_run", uri=config.embedding_run),
-                                    InputRef(role="collection", uri=collection)])
+                                    InputRef(role="collection", uri=collection),
+                                    *([used.input_ref()] if used else [])])
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return summary
 
@@ -193,6 +213,20 @@ def _drop_training_duplicates(test: pa.Table, seen: pa.Table, by_id: dict,
                                          "near_duplicate_cosine": cosine}
 
 
+def _without_dedup(used: DedupUse, train: pa.Table, test: pa.Table
+                   ) -> tuple[pa.Table, pa.Table, dict]:
+    """The 'train' split less the near-duplicates ``used`` removed (the ceiling's training
+    set; the selections leave them out themselves), the test rows less its leaks, and what
+    was dropped."""
+    removed = in_ids(train.column("id"), used.removed)
+    leaked = in_ids(test.column("id"), used.leaked)
+    if leaked.all():
+        raise MedcurateError(f"--exclude-duplicates: every test image is a leak of dedup "
+                             f"{used.dedup_id!r}; nothing is left to test on")
+    return (train.filter(pa.array(~removed)), test.filter(pa.array(~leaked)),
+            used.record(train_excluded=int(removed.sum()), test_dropped=int(leaked.sum())))
+
+
 def _summary(config: CompareConfig, records: list[dict]) -> dict:
     def values(**where):
         return [r["value"] for r in records if all(r[k] == v for k, v in where.items())]
@@ -207,12 +241,29 @@ def _summary(config: CompareConfig, records: list[dict]) -> dict:
             "metrics": table, "ceiling": ceiling}
 
 
+def _dropped_sentence(summary: dict) -> str:
+    """What the scores leave out: test images repeating training images, and near-duplicates
+    a dedup removed from the training side."""
+    dropped, duplicates = summary["test_dropped"], summary.get("duplicates")
+    text = (f"Tested on {summary['test_images']} images; dropped as repeats of training or "
+            f"validation images: {dropped['exact']} byte copies, {dropped['near']} at cosine "
+            f"similarity \u2265 {dropped['near_duplicate_cosine']}")
+    if duplicates:
+        text += (f", {duplicates['test_dropped']} more that dedup {duplicates['dedup_id']} "
+                 f"reports as leaks. Every selection and the ceiling leave out the "
+                 f"near-duplicates the dedup removed ({duplicates['train_excluded']} of the "
+                 "train split).")
+    else:
+        text += "; no dedup was used (--exclude-duplicates), so near-copies may share budgets."
+    return f"<p>{html.escape(text)}</p>"
+
+
 def _report(summary: dict, config: CompareConfig) -> bytes:
     parts = [f"<h1>Selection comparison {summary['comparison_id']}</h1>",
              f"<p>Embedding run {summary['embedding_run']}, collection {summary['collection']}; "
              f"{config.mode} training on {summary['trained_on']}, validation on "
              f"{summary['validation']}; seeds {summary['seeds']}. Shaded: 95% interval over "
-             "seeds. 'all': the whole train split.</p>"]
+             "seeds. 'all': the whole train split.</p>", _dropped_sentence(summary)]
     budgets = summary["budgets"]
     for metric in config.metrics:
         curves = [(s, budgets, [summary["metrics"][s][str(b)][metric] for b in budgets], "-")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcurate.config import FinetuneConfig, TrainingConfig
+from medcurate.dedup_use import DedupUse, for_collection, in_ids, read_dedup
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import IMAGE_COLUMNS, decode_preprocess, with_image_columns
@@ -389,26 +390,65 @@ def training_source(workspace: Workspace, key: str) -> tuple[str, pa.Table, bool
     return key, (train if train.num_rows else manifest), False
 
 
-def test_sets(workspace: Workspace, collection: str, specs: list[str]) -> dict[str, pa.Table]:
-    """Named test tables from ``SPLIT``, ``COLLECTION`` or ``COLLECTION:SPLIT`` specs."""
+def test_sets(workspace: Workspace, collection: str,
+              specs: list[str]) -> dict[str, tuple[str, pa.Table]]:
+    """Named test tables from ``SPLIT``, ``COLLECTION`` or ``COLLECTION:SPLIT`` specs, each
+    with the collection it is drawn from (a dedup's leaks name images of one collection)."""
     manifest = read_manifest(workspace, collection)
     if not specs:
         test = split_rows(manifest, "test")
-        return {"test": test} if test.num_rows else {}
+        return {"test": (collection, test)} if test.num_rows else {}
     tables = {}
     for spec in specs:
         name, _, split = spec.partition(":")
         if not split and not workspace.exists("collections", name):
-            table = split_rows(manifest, name)  # a split of the training collection
+            origin, table = collection, split_rows(manifest, name)  # a training split
         else:
             workspace.require("collections", name)
             table = read_manifest(workspace, name)
-            table = split_rows(table, split) if split else table
+            origin, table = name, split_rows(table, split) if split else table
         if table.num_rows == 0:
             raise MedcurateError(f"test set {spec!r} has no images (a split of {collection!r}, "
                                  "a collection, or COLLECTION:SPLIT)")
-        tables[spec] = table
+        tables[spec] = (origin, table)
     return tables
+
+
+def training_dedup(workspace: Workspace, dedup_id: str, train: str, collection: str,
+                   is_selection: bool) -> DedupUse:
+    """The dedup ``finetune --exclude-duplicates`` honours. Training on a selection: a dedup
+    of the embedding run the selection was made from, the version it read (the selection's
+    provenance names it). On a collection, which has no run: a dedup of a live run of that
+    collection (``for_collection``), matched by image id."""
+    if not is_selection:
+        return for_collection(workspace, dedup_id, collection)
+    ref = next((ref for ref in workspace.provenance("selections", train).get("inputs", [])
+                if ref.get("role") == "embedding_run"), {})
+    return read_dedup(workspace, dedup_id, ref.get("uri"), ref.get("sha256"),
+                      reader=f"selection {train!r}")
+
+
+def without_duplicates(used: DedupUse, rows: pa.Table, tests: dict[str, tuple[str, pa.Table]],
+                       collection: str) -> tuple[pa.Table, dict[str, pa.Table], dict]:
+    """The training rows less the near-duplicates ``used`` removed, the test sets less the
+    test images it reports as leaks (only sets drawn from the training collection, whose ids
+    its leaks name), and what was dropped, for the model's record. A test set left empty is
+    an error: nothing would be evaluated."""
+    drop = in_ids(rows.column("id"), used.removed)
+    kept, dropped = {}, {}
+    for name, (origin, table) in tests.items():
+        leaked = in_ids(table.column("id"), used.leaked) if origin == collection \
+            else np.zeros(table.num_rows, bool)
+        if leaked.all():
+            raise MedcurateError(f"--exclude-duplicates: every image of test set {name!r} "
+                                 f"repeats a training image (dedup {used.dedup_id!r}); "
+                                 "nothing is left to test on")
+        kept[name], dropped[name] = table.filter(pa.array(~leaked)), int(leaked.sum())
+    if drop.all():
+        raise MedcurateError(f"--exclude-duplicates: dedup {used.dedup_id!r} removed every "
+                             "training image")
+    return rows.filter(pa.array(~drop)), kept, used.record(train_dropped=int(drop.sum()),
+                                                           test_dropped=dropped)
 
 
 def label_targets(table: pa.Table, classes: list[str], what: str) -> np.ndarray:
@@ -451,9 +491,15 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
     run_id = config.run_id or default_run_id(config)
     workspace.existing("models", run_id, config.overwrite, "--run-id NEW")
     collection, rows, is_selection = training_source(workspace, config.train)
+    tests = test_sets(workspace, collection, config.test)
+    used = training_dedup(workspace, config.exclude_duplicates, config.train, collection,
+                          is_selection) if config.exclude_duplicates else None
+    if used:
+        rows, tests, duplicates = without_duplicates(used, rows, tests, collection)
+    else:
+        tests, duplicates = {k: table for k, (_, table) in tests.items()}, None
     classes, positive = classes_of(rows, config)
     targets = label_targets(rows, classes, "training data")
-    tests = test_sets(workspace, collection, config.test)
     test_targets = {k: label_targets(t, classes, f"test set {k!r}") for k, t in tests.items()}
     prep = preprocessing_for(config.model, config.weights, config.img_size,
                              workspace=workspace.worker_root)
@@ -499,7 +545,8 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
                 "positive": classes[positive], "images": {"train": rows.num_rows, **{
                     k: t.num_rows for k, t in tests.items()}},
                 "metrics": summary, "folds": len(plans),
-                "epochs_trained": [len(h) for h in histories], "history": histories}
+                "epochs_trained": [len(h) for h in histories], "history": histories,
+                **({"duplicates": duplicates} if duplicates else {})}
     with workspace.stage("models", run_id, overwrite=config.overwrite) as staging:
         buffer = io.BytesIO()
         torch.save({"states": states, "model": config.model, "weights": config.weights,
@@ -515,7 +562,8 @@ def finetune(config: FinetuneConfig, workspace: Workspace | None = None) -> dict
                              uri=config.train),
                     InputRef(role="collection", uri=workspace.path("collections", collection),
                              sha256=workspace.provenance("collections", collection)
-                             ["outputs"][MANIFEST_FILE]["sha256"])],
+                             ["outputs"][MANIFEST_FILE]["sha256"]),
+                    *([used.input_ref()] if used else [])],
             outputs={MODEL_FILE: OutputRef(sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
                                            bytes=len(buffer.getvalue()))},
             model={"spec": config.model, "weights": config.weights, "classes": classes,
