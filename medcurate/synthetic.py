@@ -5,16 +5,21 @@ split, row, embedding) with its provenance, so everything after embedding reads 
 For benchmarks and tests of what comes after embedding (selection, the HTTP service) at sizes
 no image archive on a test machine reaches. Nothing in them is an image; the collection says
 so (``format: synthetic``), and the run's model is ``synthetic``.
+
+Also ``near_copy``: labelled near-duplicates made from real images (re-encoded, resized,
+cropped, mirrored), which the dedup test and ``bench/dedup_threshold.py`` measure recall on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from medcurate.embed import SHARD_DIR, _shard_table, shard_name
 from medcurate.ingest import MANIFEST_FILE
@@ -87,3 +92,29 @@ def write_embedding_run(workspace: Workspace, name: str, X: np.ndarray, labels: 
                             model={"spec": SYNTHETIC_MODEL, "embed_dim": int(X.shape[1])})
         workspace.write_json(f"{staging}/{PROVENANCE_FILE}", record.model_dump())
     return run_id
+
+
+# How an archive comes to hold one picture twice: copied, re-exported at a JPEG quality,
+# resized, re-cut (the central 95% of each side) or mirrored.
+NEAR_COPY_KINDS = ("exact", "jpeg90", "jpeg50", "resize0.8", "crop5", "flip")
+
+
+def _reencoded(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).copy()
+
+
+def near_copy(image: Image.Image, kind: str) -> Image.Image:
+    """A copy of ``image`` of one of ``NEAR_COPY_KINDS``."""
+    w, h = image.size
+    dw, dh = round(0.025 * w), round(0.025 * h)
+    kinds = {"exact": image.copy, "jpeg90": lambda: _reencoded(image, 90),
+             "jpeg50": lambda: _reencoded(image, 50),
+             "resize0.8": lambda: image.resize((round(0.8 * w), round(0.8 * h)),
+                                               Image.Resampling.BILINEAR),
+             "crop5": lambda: image.crop((dw, dh, w - dw, h - dh)),
+             "flip": lambda: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)}
+    if kind not in kinds:
+        raise ValueError(f"unknown copy kind {kind!r}; kinds: {', '.join(NEAR_COPY_KINDS)}")
+    return kinds[kind]()

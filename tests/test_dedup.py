@@ -4,7 +4,6 @@ a packaged encoder, the keep rules, leaks across splits, bad input, the IVF path
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -12,41 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcurate.config import DedupConfig
+from medcurate.config import DEDUP_COSINE, DedupConfig
 from medcurate.dedup import (GROUPS_FILE, KEEP_RULES, LEAKS_FILE, SUMMARY_FILE,
-                             cross_split_leaks, dedup, keep_rule, leaks_by_split_pair,
-                             near_duplicate_groups)
+                             connected_groups, cross_split_leaks, dedup, keep_rule,
+                             leaks_by_split_pair, near_duplicate_groups, pairs_at_least,
+                             unit_rows)
 from medcurate.errors import AlreadyExists, MedcurateError
+from medcurate.synthetic import NEAR_COPY_KINDS, near_copy
 from medcurate.workspace import PROVENANCE_FILE, Workspace
 from test_cli import assert_clean_error, run_cli
 
 # -- labelled duplicates of real images ----------------------------------------------------------
-COPIES = ("exact", "jpeg90", "jpeg50", "resize0.8", "crop5", "flip")
 THRESHOLDS = (0.90, 0.95, 0.97, 0.98, 0.99, 0.995)
 PIXEL_TWIN = 0.95  # thumbnails correlating above this are one picture (see ``originals``)
 SIDE = 128  # encoder input side: MobileNetV2 pools globally, and 128 px is 3x faster than 224
-
-
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).copy()
-
-
-def make_copy(image: Image.Image, kind: str) -> Image.Image:
-    w, h = image.size
-    if kind == "exact":
-        return image.copy()
-    if kind.startswith("jpeg"):
-        return _jpeg(image, int(kind[4:]))
-    if kind == "resize0.8":
-        return image.resize((round(0.8 * w), round(0.8 * h)), Image.Resampling.BILINEAR)
-    if kind == "crop5":  # the central 95% of each side
-        dw, dh = round(0.025 * w), round(0.025 * h)
-        return image.crop((dw, dh, w - dw, h - dh))
-    if kind == "flip":
-        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    raise ValueError(kind)
 
 
 def _thumb(image: Image.Image) -> np.ndarray:
@@ -76,7 +54,7 @@ def originals(shared_data: Path, per_class: int = 10, lesions: int = 20) -> list
         taken = 0
         for path in candidates:
             image = Image.open(path).copy()
-            thumb, mirrored = _thumb(image), _thumb(make_copy(image, "flip"))
+            thumb, mirrored = _thumb(image), _thumb(near_copy(image, "flip"))
             if any(_same_picture(thumb, t) or _same_picture(mirrored, t) for t in thumbs):
                 continue
             picked.append(image)
@@ -107,8 +85,8 @@ def labelled_duplicates(shared_data: Path, side: int = SIDE):
     """Embeddings of the originals and every copy, each row's source image and copy kind."""
     images, source, kind = [], [], []
     for i, image in enumerate(originals(shared_data)):
-        for k in ("original", *COPIES):
-            images.append(image if k == "original" else make_copy(image, k))
+        for k in ("original", *NEAR_COPY_KINDS):
+            images.append(image if k == "original" else near_copy(image, k))
             source.append(i)
             kind.append(k)
     return embed_images(images, side), np.array(source), np.array(kind)
@@ -124,7 +102,7 @@ def measure(X: np.ndarray, source: np.ndarray, kind: np.ndarray,
         group = near_duplicate_groups(X, threshold).group
         original = {s: group[(source == s) & (kind == "original")][0] for s in set(source)}
         row = {"threshold": threshold}
-        for k in COPIES:
+        for k in NEAR_COPY_KINDS:
             rows = np.flatnonzero(kind == k)
             row[k] = float(np.mean([group[r] >= 0 and group[r] == original[source[r]]
                                     for r in rows]))
@@ -139,7 +117,7 @@ def measure(X: np.ndarray, source: np.ndarray, kind: np.ndarray,
 
 
 def format_table(table: list[dict]) -> str:
-    head = ["threshold", *COPIES, "precision", "distinct_pairs"]
+    head = ["threshold", *NEAR_COPY_KINDS, "precision", "distinct_pairs"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for row in table:
         lines.append(" | ".join(f"{row[h]:g}" if isinstance(row[h], float) else str(row[h])
@@ -168,7 +146,7 @@ def test_made_copies_of_real_images_are_grouped_and_distinct_images_are_not(dupl
     assert at[0.99]["jpeg90"] >= 0.9 and at[0.99]["resize0.8"] >= 0.7  # 0.95, 0.83
     assert at[0.99]["jpeg50"] <= 0.15 and at[0.99]["flip"] <= 0.1  # 0.03, 0: not found
     # recall only falls as the bar rises
-    for k in COPIES:
+    for k in NEAR_COPY_KINDS:
         assert [row[k] for row in table] == sorted((row[k] for row in table), reverse=True)
 
 
@@ -212,14 +190,20 @@ def test_groups_and_each_keep_rule():
     assert set(KEEP_RULES) == {"central", "earliest", "largest"}
 
 
-def test_a_group_larger_than_the_neighbours_asked_is_found_whole():
+def test_a_group_larger_than_the_links_kept_per_row_is_found_whole():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 8)).astype(np.float32)
-    X[:50] = X[0] + 1e-4 * rng.normal(size=(50, 8))  # 50 copies, more than 16 neighbours
-    found = near_duplicate_groups(X, 0.99, neighbours=4)
+    X[:50] = X[0] + 1e-4 * rng.normal(size=(50, 8))  # 50 copies of one row
+    found = near_duplicate_groups(X, 0.99)
     assert (found.group[:50] == 0).all() and found.grouped == 50
-    assert found.index["neighbours"] == 64
-    assert len(found.pairs) == 50 * 49 // 2  # every pair, as the widened search saw them all
+    assert len(found.pairs) == 50 * 49 // 2  # every pair of copies, once
+    # with at most 4 links kept per row, the 50 copies are still one group, through links
+    unit = unit_rows(X)
+    rows = np.arange(len(X))
+    queries, members, cosine = pairs_at_least(unit, unit, rows, rows, 0.99, cap=4)
+    assert np.bincount(queries).max() == 4 and (cosine >= 0.99).all()
+    pairs = np.unique(np.sort(np.column_stack([queries, members]), axis=1), axis=0)
+    assert (connected_groups(len(X), pairs)[:50] == 0).all()
 
 
 def test_test_images_that_repeat_training_images_are_leaks():
@@ -252,15 +236,17 @@ def test_bad_input_is_one_clear_error(X, threshold, fragment):
     assert fragment in str(error.value)
 
 
-def test_above_the_exact_size_the_inverted_file_finds_planted_duplicates():
-    """50k random 64-d rows, 200 of them copies (slightly perturbed) of others: the IVF index
-    is approximate, yet finds every planted pair and groups nothing else."""
+def test_above_the_exact_size_the_lists_find_planted_duplicates():
+    """50k random 64-d rows, 200 of them copies (slightly perturbed) of others: comparing rows
+    only within their nearest k-means lists, made in 32 principal dimensions, is approximate,
+    yet finds every planted pair and groups nothing else."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50_000, 64)).astype(np.float32)
     originals_, copies = np.arange(200), np.arange(10_000, 10_200)
     X[copies] = X[originals_] + 0.05 * rng.normal(size=(200, 64)).astype(np.float32)
-    found = near_duplicate_groups(X, 0.99, exact_below=10_000)
-    assert found.index["kind"] == "ivf-flat" and found.index["nlist"] == int(4 * np.sqrt(50_000))
+    found = near_duplicate_groups(X, 0.99, exact_below=10_000, dims=32)
+    assert found.index["kind"] == "lists" and found.index["lists"] == int(4 * np.sqrt(50_000))
+    assert found.index["dims"] == 32  # candidates in a projection, checked on the full rows
     assert found.groups == 200 and found.grouped == 400
     assert (found.group[originals_] == found.group[copies]).all()
 
@@ -292,7 +278,7 @@ def test_the_command_publishes_groups_summary_and_provenance(tmp_path):
     assert [(leak["test_id"], leak["train_id"], leak["train_split"]) for leak in leaks] == [
         ("syn-00000031", "syn-00000000", "train"), ("syn-00000032", "syn-00000005", "train"),
         ("syn-00000033", "syn-00000005", "train")]
-    assert summary["threshold"] == 0.99 and summary["keep"] == "central"
+    assert summary["threshold"] == DEDUP_COSINE and summary["keep"] == "central"
     assert summary["index"]["kind"] == "exact"
     groups = ws.read_table(ws.path("dedups", key, GROUPS_FILE)).to_pylist()
     assert [r["id"] for r in groups] == [f"syn-{i:08d}" for i in (0, 5, 20, 21, 31, 32, 33)]
