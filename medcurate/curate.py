@@ -15,11 +15,11 @@ from pathlib import Path
 
 from medcurate.config import (DEFAULT_ENCODER, CurateConfig, DedupConfig, EmbedConfig,
                               IngestConfig, SelectConfig)
-from medcurate.dedup import dedup, default_dedup_id, made_from
+from medcurate.dedup import dedup, default_dedup_id
 from medcurate.demo import DEMO_NOTICE, make_demo_archive
 from medcurate.embed import embed
 from medcurate.ingest import ingest
-from medcurate.provenance import outputs_digest
+from medcurate.provenance import input_of, outputs_digest
 from medcurate.select.run import run_selection
 from medcurate.workspace import Workspace, shaping_fields, validate_key
 
@@ -51,7 +51,8 @@ def _dedup(run_id: str, workspace: Workspace) -> dict:
     key = default_dedup_id(config)
     if workspace.exists("dedups", key):
         record = workspace.provenance("dedups", key)
-        if made_from(record).get("sha256") == outputs_digest(workspace.provenance("embeddings", run_id)):
+        made_from = input_of(record, "embedding_run").get("sha256")
+        if made_from == outputs_digest(workspace.provenance("embeddings", run_id)):
             _say(f"reusing dedup {key!r} (same embedding run and settings)")
             return {**record["summary"], "reused": True}
     _say(f"finding near-duplicates in {run_id!r}")

@@ -74,7 +74,7 @@ class NearDuplicates:
     pairs: np.ndarray  # int64 [P, 2], i < j: rows found with cosine >= threshold
     cosine: np.ndarray  # float32 [P], the pairs' cosine similarity
     threshold: float
-    index: dict  # how the neighbours were searched: kind, and the IVF parameters
+    index: dict  # how pairs were searched: kind (exact or lists) and the lists' parameters
 
     @property
     def groups(self) -> int:
@@ -147,9 +147,9 @@ def near_duplicate_groups(X, threshold: float, *, exact_below: int = EXACT_BELOW
     components of the graph of such pairs.
 
     Up to ``exact_below`` rows every pair is compared. Above, the rows are partitioned into
-    k-means lists in their ``dims`` leading principal dimensions (``partition``) and each row is compared with the
-    rows of the ``probes`` lists whose centres are nearest to it: a near copy sits so close to
-    its original that it almost always falls in one of them (measured in
+    k-means lists in their ``dims`` leading principal dimensions (``partition``) and each row
+    is compared with the rows of the ``probes`` lists whose centres are nearest to it: a near
+    copy sits so close to its original that it almost always falls in one of them (measured in
     ``bench/dedup_scale.py``).
     """
     threshold = check_threshold(threshold)
@@ -400,13 +400,6 @@ def leaks_by_split_pair(leaks: list[dict]) -> dict[str, int]:
 
 
 # -- the command --------------------------------------------------------------------------------
-def made_from(record: dict) -> dict:
-    """The embedding run a dedup was made from, as its provenance records it (``uri``: the
-    run's key, ``sha256``: its outputs' digest); empty where none is recorded."""
-    return next((ref for ref in record.get("inputs", []) if ref.get("role") == "embedding_run"),
-                {})
-
-
 def default_dedup_id(config: DedupConfig) -> str:
     """``<run>-dedup-<digest of the settings>``; the run's part is shortened to fit a key."""
     suffix = f"-dedup-{config.digest('dedup_id')}"

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medcurate.dedup import GROUPS_FILE, LEAKS_FILE, made_from
+from medcurate.dedup import GROUPS_FILE, LEAKS_FILE
 from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE
-from medcurate.provenance import InputRef, outputs_digest
+from medcurate.provenance import InputRef, input_of, outputs_digest
 from medcurate.workspace import Workspace
 
 # The dedup's figures a consumer reports (its summary.json's, as provenance records them).
@@ -60,7 +60,7 @@ def read_dedup(workspace: Workspace, dedup_id: str, run_id: str, run_digest: str
     name other images. ``reader`` says who read that version where it is not the live run
     (e.g. "selection 'x'"), for the error message."""
     record = workspace.provenance("dedups", dedup_id)  # NotFound names the known dedups
-    run_ref = made_from(record)
+    run_ref = input_of(record, "embedding_run")
     if run_ref.get("uri") != run_id:
         raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} was made from embedding "
                              f"run {run_ref.get('uri')!r}, not {run_id!r}; run `medcurate "
@@ -89,7 +89,7 @@ def for_collection(workspace: Workspace, dedup_id: str, collection: str) -> Dedu
     """Dedup ``dedup_id`` for a command that reads collection ``collection`` by image id:
     the dedup's run must be the live version of a run of this collection, embedded from the
     collection as it is now (a re-ingested collection may give its ids to other images)."""
-    run_id = made_from(workspace.provenance("dedups", dedup_id)).get("uri")
+    run_id = input_of(workspace.provenance("dedups", dedup_id), "embedding_run").get("uri")
     if not run_id or not workspace.exists("embeddings", run_id):
         raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} was made from embedding "
                              f"run {run_id!r}, which is no longer in the workspace; run "
@@ -100,8 +100,7 @@ def for_collection(workspace: Workspace, dedup_id: str, collection: str) -> Dedu
         raise MedcurateError(f"--exclude-duplicates: dedup {dedup_id!r} is of collection {of!r} "
                              f"(embedding run {run_id!r}), not {collection!r}; dedup a run of "
                              f"{collection!r} and pass its key")
-    embedded = next((ref.get("sha256") for ref in run.get("inputs", [])
-                     if ref.get("role") == "collection"), None)
+    embedded = input_of(run, "collection").get("sha256")
     manifest = workspace.provenance("collections", collection)["outputs"][MANIFEST_FILE]
     if embedded != manifest["sha256"]:
         raise MedcurateError(f"--exclude-duplicates: collection {collection!r} was ingested "

@@ -85,6 +85,12 @@ def json_ready(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
+def input_of(record: dict, role: str) -> dict:
+    """The input of ``role`` that an artefact's provenance ``record`` names (``uri``, ``sha256``:
+    what it read, at which version); empty where it names none."""
+    return next((ref for ref in record.get("inputs", []) if ref.get("role") == role), {})
+
+
 def outputs_digest(record: dict) -> str:
     """One hash over an artefact's output hashes (its provenance ``outputs``): changes whenever
     any file changes, so what was made from it can name exactly the version it read."""

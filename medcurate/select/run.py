@@ -31,7 +31,8 @@ from medcurate.errors import MedcurateError
 from medcurate.ingest import MANIFEST_FILE, read_manifest
 from medcurate.ingest.decode import WINDOW_COLUMNS
 from medcurate.ingest.sources import CORE_COLUMNS
-from medcurate.provenance import InputRef, Provenance, json_ready, outputs_digest, utc_now
+from medcurate.provenance import (InputRef, Provenance, input_of, json_ready, outputs_digest,
+                                  utc_now)
 from medcurate.report import noise_groups, write_report
 from medcurate.runtime import NodesSeen, ensure_ray, stage_resources, this_node
 from medcurate.select import SelectionResult, select
@@ -523,14 +524,11 @@ def render_report(workspace: Workspace, selection_id: str,
     record = workspace.provenance("selections", selection_id)
     config = SelectConfig.model_validate(record["config"])
     data = load(config, workspace, inputs)
-    made_from = next((ref["sha256"] for ref in record["inputs"]
-                      if ref["role"] == "embedding_run"), None)
-    if made_from != data.run_digest:
+    if input_of(record, "embedding_run").get("sha256") != data.run_digest:
         raise MedcurateError(f"selection {selection_id!r}: embedding run "
                              f"{config.embedding_run!r} was replaced since the selection was "
                              "made, so its report cannot be drawn; select again")
-    deduped = next((ref["sha256"] for ref in record["inputs"] if ref["role"] == "dedup"), None)
-    if data.duplicates and deduped != data.duplicates["sha256"]:
+    if data.duplicates and input_of(record, "dedup").get("sha256") != data.duplicates["sha256"]:
         raise MedcurateError(f"selection {selection_id!r}: dedup {config.exclude_duplicates!r} "
                              "was made again since the selection was made, so its report "
                              "cannot be drawn; select again")

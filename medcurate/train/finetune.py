@@ -40,7 +40,7 @@ from medcurate.ingest.decode import IMAGE_COLUMNS, decode_preprocess, with_image
 from medcurate.models import Preprocessing, create_encoder
 from medcurate.models.classifier import MODEL_FILE, Classifier, make_head
 from medcurate.models.preprocess import normalise
-from medcurate.provenance import InputRef, OutputRef, Provenance, utc_now
+from medcurate.provenance import InputRef, OutputRef, Provenance, input_of, utc_now
 from medcurate.runtime import ensure_ray, stage_resources, training_gpu
 from medcurate.tables import records_csv
 from medcurate.train.evaluation import check_metrics, classification_metrics, fold_plan
@@ -422,8 +422,7 @@ def training_dedup(workspace: Workspace, dedup_id: str, train: str, collection: 
     collection (``for_collection``), matched by image id."""
     if not is_selection:
         return for_collection(workspace, dedup_id, collection)
-    ref = next((ref for ref in workspace.provenance("selections", train).get("inputs", [])
-                if ref.get("role") == "embedding_run"), {})
+    ref = input_of(workspace.provenance("selections", train), "embedding_run")
     return read_dedup(workspace, dedup_id, ref.get("uri"), ref.get("sha256"),
                       reader=f"selection {train!r}")
 
