@@ -62,7 +62,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from medcurate.config import IngestConfig
-from medcurate.dedup import keep_rule, near_duplicate_groups, unit_rows
+from medcurate.dedup import components, keep_rule, near_duplicate_groups, unit_rows
 from medcurate.demo import make_demo_archive
 from medcurate.ingest import ingest, read_manifest
 from medcurate.ingest.decode import decode_preprocess, image_columns, load_rows
@@ -183,15 +183,6 @@ def pixel_twin_pairs(thumbs: np.ndarray, bar: float = PIXEL_TWIN) -> np.ndarray:
         keep = i < j
         found.append(np.column_stack([i[keep], j[keep]]))
     return np.concatenate(found).astype(np.int64)
-
-
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected component of each row under ``pairs``."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 def pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:

@@ -294,14 +294,20 @@ def _unique_pairs(i: np.ndarray, j: np.ndarray, cos: np.ndarray
     return pairs[first], np.minimum(cos[first], 1.0).astype(np.float32)
 
 
-def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of ``pairs`` over ``n`` rows: groups numbered in order of their
-    first row; -1 for a row in no pair."""
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """The connected component of each of ``n`` rows under ``pairs`` [P, 2] (scipy's
+    numbering; a row in no pair is a component of its own)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
+    return connected_components(graph, directed=False)[1]
+
+
+def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of ``pairs`` over ``n`` rows: groups numbered in order of their
+    first row; -1 for a row in no pair."""
+    component = components(n, pairs)
     size = np.bincount(component)
     group = np.full(n, -1, np.int64)
     member = size[component] > 1

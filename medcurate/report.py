@@ -416,11 +416,12 @@ def near_duplicates_section(near: dict | None) -> list[str]:
                         "images were not looked for and may share the budget: run "
                         "<code>medcurate dedup RUN</code> and select with "
                         "<code>--exclude-duplicates</code>.</p>"]
-    text = (f"Dedup {near['dedup_id']} (cosine similarity at least {near['threshold']}, "
-            f"kept image of each group: {near['keep']}) found {near['groups']} groups of "
-            f"near-duplicates among {near['images']} images and removed {near['removed']}; "
-            f"this selection left out {near['excluded']} of them (those in its splits).")
-    if not near["groups"]:
+    if near["groups"]:
+        text = (f"Dedup {near['dedup_id']} (cosine similarity at least {near['threshold']}, "
+                f"kept image of each group: {near['keep']}) found {near['groups']} groups of "
+                f"near-duplicates among {near['images']} images and removed {near['removed']}; "
+                f"this selection left out {near['excluded']} of them (those in its splits).")
+    else:
         text = (f"Dedup {near['dedup_id']} (cosine similarity at least {near['threshold']}) "
                 f"found no near-duplicates among {near['images']} images: the selection left "
                 "nothing out.")
