@@ -236,6 +236,12 @@ def test_bad_input_is_one_clear_error(X, threshold, fragment):
     assert fragment in str(error.value)
 
 
+def test_fewer_than_one_list_to_search_is_refused():
+    X = np.random.default_rng(0).normal(size=(100, 8))
+    with pytest.raises(MedcurateError, match="probes must be at least 1, not 0"):
+        near_duplicate_groups(X, 0.99, exact_below=10, probes=0)
+
+
 def test_above_the_exact_size_the_lists_find_planted_duplicates():
     """50k random 64-d rows, 200 of them copies (slightly perturbed) of others: comparing rows
     only within their nearest k-means lists, made in 32 principal dimensions, is approximate,

@@ -249,3 +249,29 @@ def test_default_ids_are_unchanged_while_exclude_duplicates_is_unset():
     assert _default_id(compare).endswith(before(compare, "comparison_id"))
     for config, name in ((finetune, default_run_id), (compare, _default_id)):
         assert name(config.model_copy(update={"exclude_duplicates": "d"})) != name(config)
+
+
+def test_nothing_left_to_train_or_test_on_is_one_clear_error(deduped):
+    """The dedup's real sets, applied to tables holding only what it removes or leaks: finetune
+    and compare refuse with a message rather than train or score on nothing."""
+    from medcurate.dedup_use import for_collection, in_ids
+    from medcurate.train.compare import _without_dedup
+    from medcurate.train.finetune import without_duplicates
+
+    workspace, _, key = deduped
+    used = for_collection(workspace, key, "small")
+    train, test = _split(workspace, "train"), _split(workspace, "test")
+    only_leaks = test.filter(in_ids(test.column("id"), used.leaked))
+    only_removed = train.filter(in_ids(train.column("id"), used.removed))
+    assert only_leaks.num_rows and only_removed.num_rows
+    with pytest.raises(MedcurateError, match="every image of test set 'test' repeats a "
+                                             "training image"):
+        without_duplicates(used, train, {"test": ("small", only_leaks)}, "small")
+    with pytest.raises(MedcurateError, match=f"dedup '{key}' removed every training image"):
+        without_duplicates(used, only_removed, {"test": ("small", test)}, "small")
+    with pytest.raises(MedcurateError, match="every test image is a leak"):
+        _without_dedup(used, train, only_leaks)
+    # a test set of another collection keeps its images: leak ids name this collection's
+    kept, _, record = without_duplicates(used, train, {"other": ("elsewhere", only_leaks)},
+                                         "small")
+    assert record["test_dropped"] == {"other": 0} and kept.num_rows < train.num_rows
